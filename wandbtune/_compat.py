@@ -1,0 +1,169 @@
+"""Everything wandbtune takes from Ray's and W&B's private APIs, in one place.
+
+Ray moves these often (Train V2 became the default in 2.5x and made
+``ray.train.report`` raise inside Tune). Each name is resolved once, here, so a
+change in Ray breaks this module loudly instead of a trial deep inside.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
+
+from ray.train._internal import session as _session_mod
+from ray.tune.result import RESULT_DUPLICATE
+
+__all__ = [
+    "RESULT_DUPLICATE",
+    "get_session",
+    "train_api_forwarded_to_tune",
+]
+
+
+def get_session() -> Any:
+    """The current trial's session, or None outside a Tune trial."""
+    return _session_mod.get_session()
+
+
+def in_tune_function_trial() -> bool:
+    """True inside a Tune function trainable (not a Ray Train worker)."""
+    session = get_session()
+    return session is not None and session.world_rank is None
+
+
+# --- ray.train.* inside Tune ---------------------------------------------------
+#
+# With Train V2 (the default on current Ray), ``ray.train.report``,
+# ``get_checkpoint`` and ``get_context`` raise when called inside a Tune trial.
+# The documentation our users copy calls ``train.report`` in Tune trainables, so
+# while a decorated trainable runs, those names on the ``ray.train`` module
+# forward to their ``ray.tune`` equivalents. Only the module attributes are
+# patched (``from ray import train; train.report(...)`` and
+# ``ray.train.report(...)``): patching Tune's ``_in_tune_session`` predicate
+# instead would break Ray Train trainers launched from a Tune trial.
+
+
+def _forward_report(metrics: Any, checkpoint: Any = None, **_ignored: Any) -> None:
+    import ray.tune
+
+    ray.tune.report(metrics, checkpoint=checkpoint)
+
+
+def _forward_get_checkpoint() -> Any:
+    import ray.tune
+
+    return ray.tune.get_checkpoint()
+
+
+def _forward_get_context() -> Any:
+    import ray.tune
+
+    return ray.tune.get_context()
+
+
+_FORWARDS: dict[str, Callable[..., Any]] = {
+    "report": _forward_report,
+    "get_checkpoint": _forward_get_checkpoint,
+    "get_context": _forward_get_context,
+}
+
+
+def _forwarding(name: str) -> Callable[..., Any]:
+    forward = _FORWARDS[name]
+
+    def wrapper(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        if in_tune_function_trial():
+            return forward(*args, **kwargs)
+        return wrapped(*args, **kwargs)
+
+    return wrapper
+
+
+_forward_lock = threading.Lock()
+_forward_depth = 0
+_forward_saved: list[tuple[Any, str, Any]] = []
+
+
+@contextmanager
+def train_api_forwarded_to_tune() -> Iterator[None]:
+    """Make ``ray.train.report`` (and get_checkpoint/get_context) work in Tune.
+
+    Patches on entry and restores the originals on exit (resolve, then apply,
+    as wrapt does), even when entries overlap: the originals come back when
+    the last one leaves. Outside a Tune function trial the patched names call
+    the originals.
+    """
+    global _forward_depth
+    import wrapt
+
+    with _forward_lock:
+        if _forward_depth == 0:
+            for name in _FORWARDS:
+                parent, attribute, original = wrapt.resolve_path("ray.train", name)
+                _forward_saved.append((parent, attribute, original))
+                wrapt.apply_patch(
+                    parent, attribute, wrapt.FunctionWrapper(original, _forwarding(name))
+                )
+        _forward_depth += 1
+    try:
+        yield
+    finally:
+        with _forward_lock:
+            _forward_depth -= 1
+            if _forward_depth == 0:
+                while _forward_saved:
+                    parent, attribute, original = _forward_saved.pop()
+                    setattr(parent, attribute, original)
+
+
+def train_api_is_forwarded() -> bool:
+    """True while ``ray.train`` calls are forwarded to Tune (for tests)."""
+    import ray.train
+    import wrapt
+
+    return isinstance(ray.train.report, wrapt.FunctionWrapper)
+
+
+def storage_trial_dir(trainable: Any) -> Optional[str]:
+    """The trial's directory in local experiment storage, or None if remote."""
+    storage = getattr(trainable, "_storage", None)
+    if storage is None:
+        return None
+    import pyarrow.fs
+
+    if isinstance(storage.storage_filesystem, pyarrow.fs.LocalFileSystem):
+        return str(storage.trial_fs_path)
+    return None
+
+
+def experiment_name(trainable: Any) -> Optional[str]:
+    storage = getattr(trainable, "_storage", None)
+    return getattr(storage, "experiment_dir_name", None)
+
+
+def session_trial_info() -> Optional[Callable[[], Any]]:
+    session = get_session()
+    return None if session is None else session.trial_info
+
+
+# --- W&B private API -------------------------------------------------------------
+
+
+def wandb_current_step(run: Any) -> Optional[int]:
+    """W&B's current step for ``run`` without a round trip to its service.
+
+    ``run.step`` asks the service and waits; ``_local_step`` is what
+    ``run.log`` itself compares against.
+    """
+    step = getattr(run, "_local_step", None)
+    return step if isinstance(step, int) else None
+
+
+def training_thread() -> Optional[threading.Thread]:
+    """The thread running the current trial's function, if started."""
+    session = get_session()
+    if session is None or not getattr(session, "training_started", False):
+        return None
+    thread = getattr(session, "training_thread", None)
+    return thread if isinstance(thread, threading.Thread) else None

@@ -1,0 +1,190 @@
+"""``@wandb_trainable``: one decorator, one complete W&B run per trial."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar, overload
+
+from wandbtune import _compat, _mixin
+from wandbtune._settings import Settings
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+__all__ = ["wandb_trainable"]
+
+
+@overload
+def wandb_trainable(fn: F, /) -> F: ...
+
+
+@overload
+def wandb_trainable(
+    fn: None = None,
+    /,
+    *,
+    project: Optional[str] = None,
+    group: Optional[str] = None,
+    api_key_file: Optional[str] = None,
+    api_key: Optional[str] = None,
+    excludes: Optional[Sequence[str]] = None,
+    log_config: bool = False,
+    upload_checkpoints: bool = False,
+    **wandb_init_kwargs: Any,
+) -> Callable[[F], F]: ...
+
+
+def wandb_trainable(
+    fn: Optional[F] = None,
+    /,
+    *,
+    project: Optional[str] = None,
+    group: Optional[str] = None,
+    api_key_file: Optional[str] = None,
+    api_key: Optional[str] = None,
+    excludes: Optional[Sequence[str]] = None,
+    log_config: bool = False,
+    upload_checkpoints: bool = False,
+    **wandb_init_kwargs: Any,
+) -> Any:
+    """Log every trial of a Ray Tune function trainable as one W&B run.
+
+    Use bare (``@wandb_trainable``) or with the arguments of Ray's
+    ``WandbLoggerCallback``: ``project``, ``group``, ``api_key_file``,
+    ``api_key``, ``excludes``, ``log_config``, ``upload_checkpoints``; any other
+    keyword goes to ``wandb.init``. A ``"wandb"`` dict in a trial's config
+    overrides these for that trial and is never logged as config.
+
+    Each trial gets a run with id = trial id, name = trial name, group =
+    experiment name and config = trial config. Every result Tune receives from
+    the trial is logged as one row at W&B step = ``training_iteration``. The
+    run is finished when the trial returns (exit code 0), raises (exit code 1;
+    the exception reaches Tune unchanged) or is stopped by a scheduler
+    (exit code 0), and its data is on disk before the trial's process exits.
+    """
+    settings = Settings.from_arguments(
+        "@wandb_trainable",
+        project=project,
+        group=group,
+        api_key_file=api_key_file,
+        api_key=api_key,
+        excludes=() if excludes is None else excludes,
+        log_config=log_config,
+        upload_checkpoints=upload_checkpoints,
+        **wandb_init_kwargs,
+    )
+    _check_init_kwargs(settings)
+    if fn is None:
+        return functools.partial(_decorate, settings=settings)
+    return _decorate(fn, settings)
+
+
+def _decorate(fn: F, settings: Settings) -> F:
+    if inspect.isclass(fn):
+        raise TypeError(
+            f"@wandb_trainable wraps function trainables, and {fn.__name__} is a "
+            "class. For a tune.Trainable subclass, log with the callback: "
+            "tune.RunConfig(callbacks=[wandbtune.WandbLoggerCallback(project=...)])."
+        )
+    if not callable(fn):
+        raise TypeError(
+            f"@wandb_trainable needs a function, got {type(fn).__name__}. "
+            "Write @wandb_trainable or @wandb_trainable(project=...) directly "
+            "above `def train_fn(config):`."
+        )
+    _check_signature(fn)
+    mixins = tuple(getattr(fn, "__mixins__", ()))
+    if any(issubclass(m, _mixin.WandbTrainableMixin) for m in mixins):
+        raise TypeError(
+            f"{_name(fn)} is decorated with @wandb_trainable twice; keep one."
+        )
+
+    if inspect.isgeneratorfunction(fn):
+
+        def wrapper(config: Any, *args: Any, **kwargs: Any) -> Any:
+            with _trial_scope(fn):
+                return (yield from fn(config, *args, **kwargs))
+
+    else:
+
+        def wrapper(config: Any, *args: Any, **kwargs: Any) -> Any:
+            with _trial_scope(fn):
+                return fn(config, *args, **kwargs)
+
+    functools.update_wrapper(wrapper, fn)  # name, docs, __dict__ (_resources...)
+    wrapper.__signature__ = inspect.signature(fn)  # type: ignore[attr-defined]
+    wrapper.__mixins__ = (_mixin.mixin_for(settings),) + mixins  # type: ignore[attr-defined]
+    return wrapper  # type: ignore[return-value]
+
+
+@contextmanager
+def _trial_scope(fn: Callable[..., Any]) -> Iterator[None]:
+    """While the trainable runs in a Tune trial: check that the actor part is
+    there, and let ``ray.train.report`` reach Tune."""
+    if not _compat.in_tune_function_trial():
+        yield  # called outside Tune (a unit test, a debugger): run it as is
+        return
+    if _mixin.active_run() is None:
+        raise RuntimeError(
+            f"@wandb_trainable on {_name(fn)} is not active in this trial: "
+            "something between the decorator and Tune dropped the function's "
+            "__mixins__ attribute (a decorator without functools.wraps, or a "
+            "lambda around the trainable). Put @wandb_trainable outermost, or use "
+            "functools.wraps in the other decorator."
+        )
+    with _compat.train_api_forwarded_to_tune():
+        yield
+
+
+def _check_signature(fn: Callable[..., Any]) -> None:
+    """Tune calls ``fn(config)`` (``tune.with_parameters`` adds keywords)."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return  # a builtin or C callable: let Tune judge
+    params = list(sig.parameters.values())
+    positional = [
+        p for p in params
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
+    ]
+    if not positional:
+        raise TypeError(
+            f"{_name(fn)}{sig} cannot be a Tune trainable: Tune calls it with the "
+            "trial config as its one positional argument. Write it as "
+            f"`def {_name(fn)}(config): ...`."
+        )
+    first = positional[0]
+    required_after = [
+        p for p in params[params.index(first) + 1:]
+        if p.default is p.empty
+        and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
+    if required_after and not all(
+        p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in required_after
+    ):
+        raise TypeError(
+            f"{_name(fn)}{sig}: the parameters after `config` can only be filled "
+            "by tune.with_parameters(...) if they can be passed by keyword."
+        )
+
+
+def _check_init_kwargs(settings: Settings) -> None:
+    """Catch a misspelt ``wandb.init`` argument at decoration time."""
+    if not settings.init_kwargs:
+        return
+    import wandb
+
+    accepted = inspect.signature(wandb.init).parameters
+    unknown = sorted(set(settings.init_kwargs) - set(accepted))
+    if unknown:
+        raise TypeError(
+            f"@wandb_trainable: unknown argument(s) {', '.join(unknown)}. Other "
+            "than project, group, api_key_file, api_key, excludes, log_config and "
+            "upload_checkpoints, arguments go to wandb.init, which takes: "
+            f"{', '.join(sorted(accepted))}."
+        )
+
+
+def _name(fn: Any) -> str:
+    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", repr(fn))

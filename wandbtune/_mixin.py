@@ -1,0 +1,117 @@
+"""The part of ``@wandb_trainable`` that lives in Tune's trial actor.
+
+Tune builds a function trainable's actor class from the function's
+``__mixins__`` (the hook Ray's own ``wandb_mixin`` used). Living in the actor
+rather than only in the function gives wandbtune what a function cannot see:
+the ``training_iteration`` Tune assigns to each result, every result however
+it was reported (``tune.report``, ``ray.train.report``, a yielded or returned
+dict), failures raised to Tune, and ``cleanup``, which Tune calls when a
+scheduler stops a trial while its function is blocked in ``report``.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, ClassVar, Optional
+
+from wandbtune import _compat
+from wandbtune._run import TrialRun
+from wandbtune._settings import Settings
+
+# One trial runs in a Tune actor at a time; this is its run (or None).
+_active: Optional[TrialRun] = None
+_active_lock = threading.Lock()
+
+#: How long cleanup waits for a stopped trial's function to unwind.
+_THREAD_JOIN_S = 2.0
+
+
+def active_run() -> Optional[TrialRun]:
+    """The W&B run of the trial running in this process, if instrumented."""
+    return _active
+
+
+class WandbTrainableMixin:
+    """Instruments a Tune function trainable's actor; see module docstring."""
+
+    _wandbtune_settings: ClassVar[Settings] = Settings()
+    _wandbtune_run: Optional[TrialRun] = None
+
+    def setup(self, config: dict[str, Any], *args: Any, **kwargs: Any) -> None:
+        super().setup(config, *args, **kwargs)  # type: ignore[misc]
+        self._wandbtune_start(config)
+
+    def train(self) -> dict[str, Any]:
+        try:
+            result: dict[str, Any] = super().train()  # type: ignore[misc]
+        except BaseException:
+            if self._wandbtune_run is not None:
+                self._wandbtune_run.failed = True
+            raise
+        if self._wandbtune_run is not None:
+            self._wandbtune_run.log_result(result)
+        return result
+
+    def cleanup(self) -> None:
+        thread = _compat.training_thread()
+        failed = False
+        try:
+            super().cleanup()  # type: ignore[misc]
+        except Exception:
+            failed = True
+            raise
+        finally:
+            if thread is not None:
+                # Stopped early: the function was released with SystemExit(0)
+                # and unwinds now; let it, so what it logs on the way out and
+                # the restore of ray.train's API happen before we finish.
+                thread.join(timeout=_THREAD_JOIN_S)
+            self._wandbtune_end(failed=failed, flush=True)
+
+    def reset_config(self, new_config: dict[str, Any]) -> bool:
+        # reuse_actors: the previous trial is over, a new one starts here.
+        try:
+            ok: bool = super().reset_config(new_config)  # type: ignore[misc]
+        finally:
+            self._wandbtune_end(failed=False, flush=False)
+        if ok:
+            self._wandbtune_start(new_config)
+        return ok
+
+    def _wandbtune_start(self, config: dict[str, Any]) -> None:
+        global _active
+        settings = self._wandbtune_settings.merged(config)
+        run = TrialRun.start(
+            settings,
+            trial_id=getattr(self, "trial_id", None),
+            trial_name=getattr(self, "trial_name", None),
+            experiment=_compat.experiment_name(self),
+            config=config,
+            dir=_compat.storage_trial_dir(self),
+        )
+        with _active_lock:
+            self._wandbtune_run = _active = run
+
+    def _wandbtune_end(self, *, failed: bool, flush: bool) -> None:
+        global _active
+        with _active_lock:
+            run, self._wandbtune_run = self._wandbtune_run, None
+            if _active is run:
+                _active = None
+        if run is not None:
+            run.finish(failed=failed, flush=flush)
+
+
+def mixin_for(settings: Settings) -> type:
+    """A mixin class carrying one decorated trainable's settings.
+
+    Made per decoration so that each decorated function ships its own settings
+    with the actor class (cloudpickle sends this class by value, its base by
+    reference).
+    """
+    return type(
+        "WandbTrainableMixin",
+        (WandbTrainableMixin,),
+        {"_wandbtune_settings": settings, "__module__": __name__,
+         "__qualname__": "mixin_for.<locals>.WandbTrainableMixin"},
+    )

@@ -1,0 +1,190 @@
+"""One trial's W&B run: started, fed rows, finished, flushed."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Mapping
+
+from wandbtune import _compat
+from wandbtune._row import TRAINING_ITERATION, clean, is_excluded, to_row
+from wandbtune._settings import CONFIG_KEY, GROUP_ENV_VAR, ConfigError, Settings
+
+logger = logging.getLogger("wandbtune")
+
+
+def run_config(config: Mapping[str, Any], excludes: tuple[str, ...]) -> dict[str, Any]:
+    """The trial config as W&B config: without ``"wandb"`` or excluded keys."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        key = str(key)
+        if key == CONFIG_KEY or is_excluded(key, excludes):
+            continue
+        out[key] = clean(value)
+    return out
+
+
+def init_kwargs(
+    settings: Settings,
+    *,
+    trial_id: str | None,
+    trial_name: str | None,
+    experiment: str | None,
+    config: Mapping[str, Any],
+    dir: str | None,
+) -> dict[str, Any]:
+    """The arguments for ``wandb.init`` (without the API key)."""
+    project = settings.resolved_project()
+    if not project and not settings.init_kwargs.get("mode") == "disabled":
+        raise ConfigError(
+            f"no W&B project for trial {trial_name or trial_id}: pass "
+            "project=... to @wandb_trainable, put it in the trial config as "
+            '"wandb": {"project": ...}, or set WANDB_PROJECT.'
+        )
+    kwargs: dict[str, Any] = {
+        "project": project,
+        "group": settings.group or os.environ.get(GROUP_ENV_VAR) or experiment,
+        "config": run_config(config, settings.excludes),
+        "allow_val_change": True,
+    }
+    if trial_id:
+        kwargs.update(id=trial_id, resume="allow")
+    if trial_name:
+        kwargs["name"] = trial_name
+    if dir and "dir" not in settings.init_kwargs and not os.environ.get("WANDB_DIR"):
+        os.makedirs(dir, exist_ok=True)
+        kwargs["dir"] = dir
+    kwargs.update(settings.init_kwargs)
+    return kwargs
+
+
+def start_run(settings: Settings, **trial: Any) -> Any:
+    """``wandb.init`` for one trial; raises ConfigError on bad settings."""
+    import wandb
+
+    kwargs = init_kwargs(settings, **trial)
+    if not settings.offline():
+        key = settings.read_api_key()
+        if key:
+            kwargs["settings"] = _with_api_key(kwargs.get("settings"), key)
+    if wandb.run is not None:
+        # A run left open in this process (by user code or an earlier trial
+        # that was never cleaned up) would otherwise swallow this trial's rows.
+        wandb.run.finish()
+    try:
+        return wandb.init(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"wandb.init rejected the arguments: {exc}") from exc
+
+
+def _with_api_key(settings: Any, key: str) -> Any:
+    import wandb
+
+    if settings is None:
+        return wandb.Settings(api_key=key)
+    if isinstance(settings, Mapping):
+        return wandb.Settings(**{**settings, "api_key": key})
+    return settings.model_copy(update={"api_key": key})
+
+
+class TrialRun:
+    """A started W&B run and what wandbtune needs to feed and finish it."""
+
+    def __init__(self, run: Any, settings: Settings) -> None:
+        self.run = run
+        self.settings = settings
+        self.failed = False
+        self._sent_config: dict[str, Any] = {}
+        self._warned: set[str] = set()
+        self._finished = False
+        try:
+            # Charts use Tune's iteration as their x-axis, and rows the user
+            # logs without it get the last reported one (step_sync).
+            run.define_metric("*", step_metric=TRAINING_ITERATION)
+        except Exception as exc:  # noqa: BLE001
+            self._warn_once("define_metric", f"could not set the x-axis: {exc}")
+
+    @classmethod
+    def start(cls, settings: Settings, **trial: Any) -> "TrialRun":
+        return cls(start_run(settings, **trial), settings)
+
+    def log_result(self, result: Mapping[str, Any]) -> None:
+        """Log one Tune result as one row; never raises."""
+        if self._finished or _compat.RESULT_DUPLICATE in result:
+            return
+        try:
+            row, config = to_row(
+                result,
+                excludes=self.settings.excludes,
+                log_config=self.settings.log_config,
+            )
+            if self.settings.log_config and isinstance(result.get("config"), Mapping):
+                config.update(run_config(result["config"], self.settings.excludes))
+            changed = {
+                k: v for k, v in config.items()
+                if k not in self._sent_config or self._sent_config[k] != v
+            }
+            if changed:
+                self.run.config.update(changed, allow_val_change=True)
+                self._sent_config.update(changed)
+            self.run.log(row, step=self._step_for(row.get(TRAINING_ITERATION)))
+        except Exception as exc:  # noqa: BLE001 - logging never stops training
+            self._warn_once("log", f"a result was not logged to W&B: {exc!r}")
+
+    def _step_for(self, iteration: Any) -> int | None:
+        """W&B's step for a row: Tune's iteration, unless W&B would drop it.
+
+        W&B drops a row whose step is behind its current one, which happens
+        when user code committed rows of its own between two reports; such a
+        row is then logged at W&B's next step (charts still line up, as their
+        x-axis is ``training_iteration``).
+        """
+        if not isinstance(iteration, int) or isinstance(iteration, bool):
+            return None
+        current = _compat.wandb_current_step(self.run)
+        if current is not None and iteration < current:
+            self._warn_once(
+                "step",
+                f"rows logged to this run outside Tune moved W&B's step ({current}) "
+                f"past Tune's training_iteration ({iteration}); later rows are "
+                "logged at W&B's next step. Log your own data with commit=False "
+                "to keep W&B's step equal to training_iteration.",
+            )
+            return None
+        return iteration
+
+    def finish(self, *, failed: bool = False, flush: bool = False) -> None:
+        """Finish the run (exit code 1 if failed) and, if asked, wait until
+        its data is on disk; never raises."""
+        if self._finished:
+            return
+        self._finished = True
+        try:
+            self.run.finish(exit_code=1 if (failed or self.failed) else 0)
+        except Exception as exc:  # noqa: BLE001
+            self._warn_once("finish", f"could not finish the W&B run: {exc!r}")
+        if flush:
+            flush_wandb()
+
+    def _warn_once(self, what: str, message: str) -> None:
+        if what not in self._warned:
+            self._warned.add(what)
+            logger.warning("wandbtune: %s", message)
+
+
+def flush_wandb() -> None:
+    """Wait until W&B's service has written everything, then stop it.
+
+    ``run.finish()`` returns before an offline run's file is complete, and Ray
+    kills a worker's child processes (W&B's service among them) when the
+    worker exits: without this, a stopped trial's run file can stay empty.
+    """
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is None:
+        return
+    try:
+        wandb.teardown()
+    except Exception as exc:  # noqa: BLE001
+        logger.warning("wandbtune: W&B did not shut down cleanly: %r", exc)

@@ -1,0 +1,140 @@
+"""What the user asked for: the decorator's arguments, checked, and merged
+with a trial's ``config["wandb"]``."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping, Sequence
+
+#: The key of the trial config that holds per-trial settings.
+CONFIG_KEY = "wandb"
+
+#: Arguments that are ours, not ``wandb.init``'s.
+_OWN = ("project", "group", "api_key_file", "api_key", "excludes", "log_config",
+        "upload_checkpoints")
+
+#: ``wandb.init`` arguments that wandbtune sets itself, per trial.
+_MANAGED = ("id", "name", "config", "resume", "reinit")
+
+PROJECT_ENV_VARS = ("WANDB_PROJECT_NAME", "WANDB_PROJECT")
+GROUP_ENV_VAR = "WANDB_GROUP_NAME"
+
+
+class ConfigError(ValueError):
+    """Bad wandbtune settings; the message says how to fix them."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated settings for one decorated trainable (or one trial)."""
+
+    project: str | None = None
+    group: str | None = None
+    api_key_file: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    excludes: tuple[str, ...] = ()
+    log_config: bool = False
+    upload_checkpoints: bool = False
+    init_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_arguments(cls, where: str, **kwargs: Any) -> "Settings":
+        """Check arguments as given to the decorator or in ``config["wandb"]``."""
+        own = {k: kwargs.pop(k) for k in _OWN if k in kwargs}
+        for name in _MANAGED:
+            if name in kwargs:
+                raise ConfigError(
+                    f"{where}: {name}= is set by wandbtune for each trial "
+                    f"(id = trial id, name = trial name, config = trial config, "
+                    f"resume = 'allow'); remove it."
+                )
+        for key in ("project", "group", "api_key_file", "api_key"):
+            value = own.get(key)
+            if value is not None and not isinstance(value, (str, os.PathLike)):
+                raise ConfigError(
+                    f"{where}: {key} must be a string, got {type(value).__name__}."
+                )
+        if own.get("api_key") and own.get("api_key_file"):
+            raise ConfigError(
+                f"{where}: give api_key or api_key_file, not both."
+            )
+        excludes = own.get("excludes", ())
+        if isinstance(excludes, str) or not isinstance(excludes, Sequence) or not all(
+            isinstance(e, str) for e in excludes
+        ):
+            raise ConfigError(
+                f"{where}: excludes must be a list of metric names (strings), "
+                f"e.g. excludes=['debug'], got {excludes!r}."
+            )
+        for key in ("log_config", "upload_checkpoints"):
+            if key in own and not isinstance(own[key], bool):
+                raise ConfigError(
+                    f"{where}: {key} must be True or False, got {own[key]!r}."
+                )
+        api_key_file = own.get("api_key_file")
+        return cls(
+            project=own.get("project"),
+            group=own.get("group"),
+            api_key_file=os.fspath(api_key_file) if api_key_file else None,
+            api_key=own.get("api_key"),
+            excludes=tuple(excludes),
+            log_config=own.get("log_config", False),
+            upload_checkpoints=own.get("upload_checkpoints", False),
+            init_kwargs=dict(kwargs),
+        )
+
+    def merged(self, trial_config: Mapping[str, Any]) -> "Settings":
+        """These settings overridden by the trial's ``config["wandb"]``."""
+        overrides = trial_config.get(CONFIG_KEY) if trial_config else None
+        if overrides is None:
+            return self
+        if not isinstance(overrides, Mapping):
+            raise ConfigError(
+                f'config["{CONFIG_KEY}"] must be a dict of W&B settings, got '
+                f"{type(overrides).__name__}."
+            )
+        given = Settings.from_arguments(f'config["{CONFIG_KEY}"]', **dict(overrides))
+        keys = set(overrides)
+        if "api_key" in keys or "api_key_file" in keys:
+            # A key source given per trial replaces the decorator's.
+            base = replace(self, api_key=None, api_key_file=None)
+        else:
+            base = self
+        return replace(
+            base,
+            **{k: getattr(given, k) for k in _OWN if k in keys},
+            init_kwargs={**self.init_kwargs, **given.init_kwargs},
+        )
+
+    def resolved_project(self) -> str | None:
+        if self.project:
+            return self.project
+        for var in PROJECT_ENV_VARS:
+            if os.environ.get(var):
+                return os.environ[var]
+        return None
+
+    def offline(self) -> bool:
+        mode = self.init_kwargs.get("mode") or os.environ.get("WANDB_MODE")
+        return mode in ("offline", "dryrun", "disabled")
+
+    def read_api_key(self) -> str | None:
+        """The API key these settings name, if any; never stored anywhere."""
+        if self.api_key:
+            return self.api_key
+        if not self.api_key_file:
+            return None
+        path = os.path.expanduser(self.api_key_file)
+        try:
+            with open(path, encoding="utf-8") as fh:
+                key = fh.readline().strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read the W&B API key file {path!r} ({exc.strerror}). "
+                "Create it with your key from https://wandb.ai/authorize, or "
+                "set WANDB_API_KEY, or run offline with WANDB_MODE=offline."
+            ) from None
+        if not key:
+            raise ConfigError(f"the W&B API key file {path!r} is empty.")
+        return key

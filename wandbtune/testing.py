@@ -1,0 +1,159 @@
+"""Read what an offline W&B run would send, for tests (yours and ours).
+
+An offline run is a ``run-<id>.wandb`` file: a 7-byte W&B header, then the
+LevelDB log format (32 KiB blocks; each chunk has a 7-byte header of CRC-32,
+length and type: 1 full, 2 first, 3 middle, 4 last), each record a
+``wandb.proto.wandb_internal_pb2.Record``.  :func:`read_run` turns one into a
+:class:`RunFile` with the rows, config, summary, run identity and exit code.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import struct
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+__all__ = ["RunFile", "find_run_files", "read_records", "read_run"]
+
+_HEADER = struct.Struct("<4sHB")  # b":W&B", magic 0xBEE1, version
+_BLOCK = 32 * 1024
+_CHUNK = struct.Struct("<IHB")  # masked crc32c, length, type
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def _checksum(chunk_type: int, data: bytes) -> int:
+    # W&B's writer uses zlib's CRC-32 (not LevelDB's masked crc32c) over the
+    # type byte, then the data.
+    return zlib.crc32(data, zlib.crc32(bytes([chunk_type])))
+
+
+def read_records(path: str | os.PathLike[str]) -> Iterator[Any]:
+    """Yield every ``Record`` in an offline run file, checking each checksum.
+
+    Raises ``ValueError`` on a bad header or a corrupt chunk. A record cut off
+    at the end of the file (a run still being written) is not yielded.
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    with open(path, "rb") as fh:
+        data = fh.read()
+    if len(data) < _HEADER.size:
+        raise ValueError(f"{path}: {len(data)} bytes, no W&B header")
+    ident, magic, _version = _HEADER.unpack_from(data)
+    if ident != b":W&B" or magic != 0xBEE1:
+        raise ValueError(f"{path}: not a W&B run file")
+    pos = _HEADER.size
+    pending = b""
+    while pos + _CHUNK.size <= len(data):
+        left_in_block = _BLOCK - pos % _BLOCK
+        if left_in_block < _CHUNK.size:  # trailer padding
+            pos += left_in_block
+            continue
+        crc, length, chunk_type = _CHUNK.unpack_from(data, pos)
+        if length == 0 and chunk_type == 0 and crc == 0:  # zero padding
+            pos += left_in_block
+            continue
+        start = pos + _CHUNK.size
+        payload = data[start : start + length]
+        if len(payload) < length:
+            return  # cut off: the writer has not finished this record
+        if _checksum(chunk_type, payload) != crc:
+            raise ValueError(f"{path}: bad checksum at byte {pos}")
+        pos = start + length
+        if chunk_type in (_FULL, _FIRST):
+            pending = payload
+        elif chunk_type in (_MIDDLE, _LAST):
+            pending += payload
+        else:
+            raise ValueError(f"{path}: unknown chunk type {chunk_type} at {pos}")
+        if chunk_type in (_FULL, _LAST):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            yield record
+            pending = b""
+
+
+def _items(items: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key = "/".join(item.nested_key) if item.nested_key else item.key
+        out[key] = json.loads(item.value_json)
+    return out
+
+
+@dataclass
+class RunFile:
+    """What one offline run holds, as W&B would receive it."""
+
+    path: str
+    run_id: str = ""
+    name: str = ""
+    group: str = ""
+    project: str = ""
+    resumed: bool = False
+    config: dict[str, Any] = field(default_factory=dict)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    metrics: list[Any] = field(default_factory=list)
+    artifacts: list[Any] = field(default_factory=list)
+    exit_code: int | None = None
+
+    @property
+    def finished(self) -> bool:
+        """True when the run's exit record was written."""
+        return self.exit_code is not None
+
+    def column(self, key: str) -> list[Any]:
+        """The values of ``key`` in the rows that have it, in order."""
+        return [row[key] for row in self.rows if key in row]
+
+
+def read_run(path: str | os.PathLike[str]) -> RunFile:
+    """Read an offline ``run-*.wandb`` file into a :class:`RunFile`."""
+    run = RunFile(path=os.fspath(path))
+    for record in read_records(path):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            r = record.run
+            run.run_id, run.name, run.group = r.run_id, r.display_name, r.run_group
+            run.project, run.resumed = r.project, r.resumed
+            run.config.update(_config(r.config.update))
+        elif kind == "config":
+            run.config.update(_config(record.config.update))
+            for item in record.config.remove:
+                run.config.pop(item.key, None)
+        elif kind == "history":
+            run.rows.append(_items(record.history.item))
+        elif kind == "summary":
+            run.summary.update(_items(record.summary.update))
+        elif kind == "metric":
+            run.metrics.append(record.metric)
+        elif kind == "artifact":
+            run.artifacts.append(record.artifact)
+        elif kind == "exit":
+            run.exit_code = record.exit.exit_code
+    return run
+
+
+def _config(items: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in _items(items).items():
+        # Older writers wrap each entry as {"value": ..., "desc": ...}.
+        wrapped = isinstance(value, dict) and "value" in value
+        wrapped = wrapped and set(value) <= {"value", "desc"}
+        out[key] = value["value"] if wrapped else value
+    return out
+
+
+def find_run_files(root: str | os.PathLike[str]) -> list[str]:
+    """Every ``run-*.wandb`` file below ``root``, sorted (each once: W&B's
+    ``latest-run`` links are skipped)."""
+    pattern = os.path.join(os.fspath(root), "**", "run-*.wandb")
+    return sorted(
+        path for path in glob.glob(pattern, recursive=True)
+        if "latest-run" not in path.split(os.sep)
+    )
