@@ -125,9 +125,9 @@ def train_api_is_forwarded() -> bool:
     return isinstance(ray.train.report, wrapt.FunctionWrapper)
 
 
-def storage_trial_dir(trainable: Any) -> Optional[str]:
-    """The trial's directory in local experiment storage, or None if remote."""
-    storage = getattr(trainable, "_storage", None)
+def storage_trial_dir(storage: Any) -> Optional[str]:
+    """The trial's directory in experiment storage (a Tune ``StorageContext``),
+    or None when that storage is not on the local filesystem."""
     if storage is None:
         return None
     import pyarrow.fs
@@ -137,14 +137,13 @@ def storage_trial_dir(trainable: Any) -> Optional[str]:
     return None
 
 
-def experiment_name(trainable: Any) -> Optional[str]:
-    storage = getattr(trainable, "_storage", None)
+def trainable_storage(trainable: Any) -> Any:
+    """A Tune trainable's ``StorageContext`` (None outside Tune)."""
+    return getattr(trainable, "_storage", None)
+
+
+def experiment_name(storage: Any) -> Optional[str]:
     return getattr(storage, "experiment_dir_name", None)
-
-
-def session_trial_info() -> Optional[Callable[[], Any]]:
-    session = get_session()
-    return None if session is None else session.trial_info
 
 
 # --- W&B private API -------------------------------------------------------------

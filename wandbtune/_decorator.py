@@ -152,7 +152,7 @@ def _check_signature(fn: Callable[..., Any]) -> None:
         raise TypeError(
             f"{_name(fn)}{sig} cannot be a Tune trainable: Tune calls it with the "
             "trial config as its one positional argument. Write it as "
-            f"`def {_name(fn)}(config): ...`."
+            f"`def {getattr(fn, '__name__', 'train_fn')}(config): ...`."
         )
     first = positional[0]
     required_after = [

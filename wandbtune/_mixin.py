@@ -81,13 +81,14 @@ class WandbTrainableMixin:
     def _wandbtune_start(self, config: dict[str, Any]) -> None:
         global _active
         settings = self._wandbtune_settings.merged(config)
+        storage = _compat.trainable_storage(self)
         run = TrialRun.start(
             settings,
             trial_id=getattr(self, "trial_id", None),
             trial_name=getattr(self, "trial_name", None),
-            experiment=_compat.experiment_name(self),
+            experiment=_compat.experiment_name(storage),
             config=config,
-            dir=_compat.storage_trial_dir(self),
+            dir=_compat.storage_trial_dir(storage),
         )
         with _active_lock:
             self._wandbtune_run = _active = run

@@ -132,7 +132,8 @@ def _clean_array(np: Any, arr: Any) -> Any:
         if arr.ndim == 4:  # a batch of images, (N, H, W, C)
             images = [wandb.Image(a) for a in arr]
             return images[0] if len(images) == 1 else images
-        videos = [wandb.Video(a) for a in arr]  # a batch of videos (N, T, C, H, W)
+        # a batch of videos (N, T, C, H, W); wandb >= 0.31 wants the format
+        videos = [wandb.Video(a, format="gif") for a in arr]
         return videos[0] if len(videos) == 1 else videos
     if arr.dtype.kind in "biufc" and arr.ndim <= 2:
         return arr  # W&B turns numeric arrays into histograms or lists

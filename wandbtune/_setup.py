@@ -63,5 +63,5 @@ def setup_wandb(
         trial_name=getattr(info, "name", None),
         experiment=getattr(info, "experiment_name", None),
         config={k: v for k, v in config.items() if k != CONFIG_KEY},
-        dir=None,
+        dir=_compat.storage_trial_dir(getattr(session, "storage", None)),
     )

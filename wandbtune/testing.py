@@ -80,8 +80,16 @@ def read_records(path: str | os.PathLike[str]) -> Iterator[Any]:
 def _items(items: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items:
-        key = "/".join(item.nested_key) if item.nested_key else item.key
-        out[key] = json.loads(item.value_json)
+        value = json.loads(item.value_json)
+        if not item.nested_key:
+            out[item.key] = value
+            continue
+        # media and other dict values arrive one leaf at a time
+        *parents, leaf = item.nested_key
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
     return out
 
 

@@ -1,0 +1,74 @@
+"""Helpers for tests: run a real sweep, then read what W&B would receive."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from wandbtune.testing import RunFile, find_run_files, read_run
+
+
+@dataclass
+class SweepOutcome:
+    results: Any  # tune.ResultGrid
+    runs: dict[str, RunFile]  # by W&B run id (= Tune trial id)
+    storage: Path
+
+    def run_for(self, result: Any) -> RunFile:
+        trial_id = result.metrics.get("trial_id") or Path(result.path).name
+        return self.runs[trial_id]
+
+    def only_run(self) -> RunFile:
+        assert len(self.runs) == 1, sorted(self.runs)
+        return next(iter(self.runs.values()))
+
+
+def run_sweep(
+    trainable: Any,
+    param_space: dict[str, Any],
+    tmp_path: Path,
+    *,
+    name: str = "exp",
+    tune_config: tune.TuneConfig | None = None,
+    callbacks: list[Any] | None = None,
+    stop: Any = None,
+    failure_config: Any = None,
+) -> SweepOutcome:
+    storage = tmp_path / "results"
+    tuner = tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune_config,
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=str(storage),
+            callbacks=callbacks,
+            stop=stop,
+            failure_config=failure_config,
+            verbose=0,
+        ),
+    )
+    results = tuner.fit()
+    runs: dict[str, RunFile] = {}
+    for path in find_run_files(storage):
+        run = read_run(path)
+        assert run.run_id not in runs, f"two run files for {run.run_id}"
+        runs[run.run_id] = run
+    return SweepOutcome(results=results, runs=runs, storage=storage)
+
+
+def tune_iterations(result: Any) -> list[int]:
+    """The training_iteration of every result Tune recorded for a trial."""
+    df = result.metrics_dataframe
+    return [] if df is None else [int(x) for x in df["training_iteration"]]
+
+
+def user_columns(row: dict[str, Any]) -> dict[str, Any]:
+    """A row without W&B's own ``_`` columns and Tune's timing bookkeeping."""
+    bookkeeping = {"timestamp", "time_this_iter_s", "time_total_s",
+                   "time_since_restore", "iterations_since_restore"}
+    return {k: v for k, v in row.items()
+            if not k.startswith("_") and k not in bookkeeping}

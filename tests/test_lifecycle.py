@@ -1,0 +1,113 @@
+"""Every way out of a trial finishes its run, with the right exit code, on disk."""
+
+from __future__ import annotations
+
+import time
+
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+
+from tests.helpers import tune_iterations
+from wandbtune import wandb_trainable
+
+
+class Boom(ValueError):
+    pass
+
+
+@wandb_trainable(project="lifecycle")
+def fails_after_two(config):
+    tune.report({"x": 1})
+    tune.report({"x": 2})
+    raise Boom("boom at step three")
+
+
+@wandb_trainable(project="lifecycle")
+def long_runner(config):
+    for i in range(1000):
+        tune.report({"score": config["q"] * (i + 1)})
+
+
+def test_a_returning_trial_finishes_with_exit_code_zero(sweep):
+    @wandb_trainable(project="lifecycle")
+    def returns(config):
+        tune.report({"x": 1})
+
+    run = sweep(returns).only_run()
+    assert run.finished and run.exit_code == 0
+
+
+def test_an_exception_marks_the_run_failed_and_reaches_tune_unchanged(sweep):
+    out = sweep(fails_after_two)
+    (result,) = out.results
+    assert isinstance(result.error, Boom)  # Ray re-raises it as the same type
+    assert "boom at step three" in str(result.error)
+    assert "fails_after_two" in str(result.error)  # the user's frame is there
+    run = out.only_run()
+    assert run.column("x") == [1, 2]
+    assert run.exit_code == 1
+
+
+def test_a_trial_stopped_by_a_stop_criterion_is_finished_on_disk(sweep):
+    out = sweep(long_runner, {"q": 1}, stop={"training_iteration": 3})
+    (result,) = out.results
+    run = out.only_run()
+    assert run.column("training_iteration") == tune_iterations(result) == [1, 2, 3]
+    assert run.exit_code == 0
+
+
+def test_trials_stopped_early_by_asha_are_complete_and_finished(sweep):
+    out = sweep(
+        long_runner,
+        # One trial at a time, best first: every later trial falls below the
+        # rung's cutoff, so ASHA stops it early (deterministically).
+        {"q": tune.grid_search([4, 3, 2, 1])},
+        tune_config=tune.TuneConfig(
+            scheduler=ASHAScheduler(metric="score", mode="max", max_t=8,
+                                    grace_period=1, reduction_factor=2),
+            max_concurrent_trials=1,
+        ),
+    )
+    assert len(out.runs) == 4
+    lengths = {}
+    for result in out.results:
+        run = out.run_for(result)
+        assert run.exit_code == 0
+        assert run.column("training_iteration") == tune_iterations(result)
+        lengths[result.config["q"]] = len(run.rows)
+    assert lengths[4] == 8
+    assert all(lengths[q] < 8 for q in (3, 2, 1)), lengths
+
+
+def test_reused_actors_give_each_trial_its_own_complete_run(sweep):
+    @wandb_trainable(project="reuse")
+    def short(config):
+        for i in range(3):
+            tune.report({"who": config["n"], "i": i})
+
+    out = sweep(
+        short,
+        {"n": tune.grid_search([0, 1, 2, 3])},
+        tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=1),
+    )
+    assert len(out.runs) == 4
+    for result in out.results:
+        run = out.run_for(result)
+        assert run.column("who") == [result.config["n"]] * 3
+        assert run.column("training_iteration") == [1, 2, 3]
+        assert run.exit_code == 0
+
+
+def test_a_trial_stopped_while_its_function_blocks_is_flushed(sweep):
+    # The function is blocked in report() when Tune stops the actor; the run
+    # must still be on disk, complete, when the worker process is gone.
+    @wandb_trainable(project="blocked")
+    def slow(config):
+        for i in range(100):
+            time.sleep(0.01)
+            tune.report({"i": i})
+
+    out = sweep(slow, stop={"training_iteration": 2})
+    run = out.only_run()
+    assert run.column("i") == [0, 1]
+    assert run.finished

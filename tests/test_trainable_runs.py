@@ -1,0 +1,198 @@
+"""A decorated trainable's trials become complete, correct W&B runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ray import train, tune
+
+from tests import trainables
+from tests.helpers import tune_iterations, user_columns
+from wandbtune import wandb_trainable
+
+
+def test_each_trial_is_one_run_with_trial_identity_and_config(sweep):
+    out = sweep(trainables.train_fc, {"alpha": tune.grid_search([0.1, 0.2])},
+                name="identity")
+    assert len(out.runs) == 2
+    for result in out.results:
+        run = out.run_for(result)
+        trial_id = result.metrics["trial_id"]
+        assert run.run_id == trial_id
+        assert run.name.startswith("train_fc_") and trial_id in run.name
+        assert run.group == "identity"  # the experiment name
+        assert run.project == "module-project"
+        assert run.config["alpha"] == result.config["alpha"]
+        assert run.exit_code == 0
+
+
+def test_rows_match_tune_results_one_to_one_at_step_training_iteration(sweep):
+    out = sweep(trainables.train_fc, {"alpha": 0.3})
+    (result,) = out.results
+    run = out.only_run()
+    assert run.column("training_iteration") == tune_iterations(result) == [1, 2, 3, 4]
+    assert [row["_step"] for row in run.rows] == [1, 2, 3, 4]
+    assert run.column("mean_accuracy") == pytest.approx([0.03, 0.13, 0.23, 0.33])
+
+
+def test_nested_dicts_are_flattened_and_excludes_drop_whole_subtrees(sweep):
+    out = sweep(trainables.train_fc, {"alpha": 0.1, "debug": "config-too"})
+    run = out.only_run()
+    assert run.column("nested/x") == [0, 1, 2, 3]
+    for row in run.rows:
+        assert not any(k == "debug" or k.startswith("debug/") for k in row)
+    # excludes apply to the run config as well (as in Ray's callback)
+    assert "debug" not in run.config
+
+
+def test_log_config_logs_config_columns(sweep):
+    out = sweep(trainables.train_fc, {"alpha": 0.2})
+    assert out.only_run().column("config/alpha") == [0.2] * 4
+
+
+def test_docs_style_bare_decorator_settings_from_config_and_train_report(sweep):
+    space = {"a": tune.choice([1, 2, 3]), "b": tune.choice([4, 5, 6]),
+             "wandb": {"project": "Optimization_Project",
+                       "api_key_file": "~/.wandb_key_that_does_not_exist"}}
+    out = sweep(trainables.train_docs_style, space)
+    (result,) = out.results
+    assert result.error is None
+    run = out.only_run()
+    assert run.project == "Optimization_Project"
+    assert "wandb" not in run.config
+    assert run.config["a"] + run.config["b"] == run.column("loss")[0]
+    assert run.column("training_iteration") == [1, 2, 3]
+    assert run.exit_code == 0
+
+
+def test_trainable_defined_in_a_function_travels_by_value(sweep):
+    seen = {}
+
+    @wandb_trainable(project="local")
+    def local_fn(config):
+        seen["this is a closure"] = True  # forces pickling by value
+        for i in range(2):
+            tune.report({"i": i})
+
+    out = sweep(local_fn)
+    run = out.only_run()
+    assert run.column("i") == [0, 1] and run.exit_code == 0
+
+
+def test_every_report_path_is_mirrored_exactly_once(sweep):
+    @wandb_trainable(project="paths")
+    def all_paths(config):
+        tune.report({"via": 1})
+        train.report({"via": 2})
+        import ray.train
+
+        ray.train.report({"via": 3})
+        ckpt = tune.Checkpoint.from_directory(_tmp_checkpoint_dir())
+        tune.report({"via": 4}, checkpoint=ckpt)
+        return {"via": 5}
+
+    out = sweep(all_paths)
+    (result,) = out.results
+    assert result.error is None, result.error
+    run = out.only_run()
+    assert run.column("via") == [1, 2, 3, 4, 5]
+    assert run.column("training_iteration") == tune_iterations(result) == [1, 2, 3, 4, 5]
+
+
+def test_yielded_dicts_are_mirrored(sweep):
+    @wandb_trainable(project="gen")
+    def generator_fn(config):
+        for i in range(3):
+            yield {"y": i * 10}
+
+    out = sweep(generator_fn)
+    assert out.only_run().column("y") == [0, 10, 20]
+    assert out.only_run().exit_code == 0
+
+
+def test_the_trainable_sees_its_config_unchanged(sweep):
+    @wandb_trainable
+    def check_config(config):
+        tune.report({"has_wandb_key": "wandb" in config,
+                     "project_in_config": config["wandb"]["project"] == "seen"})
+
+    out = sweep(check_config, {"x": 1, "wandb": {"project": "seen"}})
+    row = user_columns(out.only_run().rows[0])
+    assert row["has_wandb_key"] is True and row["project_in_config"] is True
+
+
+def test_strange_values_never_break_training(sweep):
+    class NoJson:
+        def __str__(self):
+            return "no-json-form"
+
+    @wandb_trainable(project="strange")
+    def strange(config):
+        tune.report({
+            "np_float": np.float32(1.5), "np_int": np.int64(7), "nan": float("nan"),
+            "inf": float("inf"), "none": None, "text": "hello", "bytes": b"raw",
+            "obj": NoJson(), "image": np.zeros((4, 4, 3), dtype=np.uint8),
+            "video": np.zeros((1, 2, 3, 8, 8), dtype=np.uint8),
+            "arr1": np.arange(5), "list": [1, 2, 3],
+            "deep": {"a": {"b": {"c": 1}}},
+        })
+
+    out = sweep(strange)
+    (result,) = out.results
+    assert result.error is None
+    run = out.only_run()
+    assert run.exit_code == 0
+    (row,) = run.rows
+    assert row["np_float"] == 1.5 and row["np_int"] == 7
+    assert row["text"] == "hello" and row["bytes"] == "raw"
+    assert row["obj"] == "no-json-form"
+    assert row["image"]["_type"] == "image-file"
+    assert row["video"]["_type"] == "video-file"
+    assert row["deep/a/b/c"] == 1
+
+
+def test_users_own_wandb_logging_never_drops_a_mirrored_row(sweep):
+    @wandb_trainable(project="own-logging")
+    def logs_a_lot(config):
+        import wandb
+
+        for i in range(5):
+            wandb.log({"extra": i})  # commits its own row
+            wandb.log({"extra2": i})  # and another: W&B's step runs ahead
+            wandb.log({"attached": i}, commit=False)
+            tune.report({"metric": i})
+
+    out = sweep(logs_a_lot)
+    (result,) = out.results
+    run = out.only_run()
+    mirrored = [r for r in run.rows if "metric" in r]
+    assert [r["metric"] for r in mirrored] == [0, 1, 2, 3, 4]
+    assert [r["training_iteration"] for r in mirrored] == tune_iterations(result)
+    assert run.column("extra") == [0, 1, 2, 3, 4]
+    steps = [r["_step"] for r in run.rows]
+    assert steps == sorted(steps) and len(set(steps)) == len(steps)
+
+
+def test_commit_false_user_data_lands_in_the_mirrored_row(sweep):
+    @wandb_trainable(project="attach")
+    def attaches(config):
+        import wandb
+
+        for i in range(3):
+            tune.report({"metric": i})
+            wandb.log({"attached": i * 100}, commit=False)
+
+    out = sweep(attaches)
+    run = out.only_run()
+    assert [row["_step"] for row in run.rows] == [1, 2, 3]
+    assert run.column("training_iteration") == [1, 2, 3]
+    assert run.column("attached") == [0, 100, 200]
+
+
+def _tmp_checkpoint_dir() -> str:
+    import tempfile
+
+    path = tempfile.mkdtemp()
+    with open(f"{path}/weights.txt", "w") as fh:
+        fh.write("w")
+    return path
