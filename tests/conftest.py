@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -20,8 +21,13 @@ os.environ["WANDB_MODE"] = "offline"
 os.environ["WANDB_SILENT"] = "true"
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-for var in ("WANDB_API_KEY", "WANDB_PROJECT", "WANDB_PROJECT_NAME", "WANDB_DIR",
-            "WANDB_GROUP_NAME"):
+for var in (
+    "WANDB_API_KEY",
+    "WANDB_PROJECT",
+    "WANDB_PROJECT_NAME",
+    "WANDB_DIR",
+    "WANDB_GROUP_NAME",
+):
     os.environ.pop(var, None)
 
 
@@ -37,7 +43,9 @@ def ray_session() -> Any:
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path[:1]])}},
+        runtime_env={
+            "env_vars": {"PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path[:1]])}
+        },
     )
     yield ray
     ray.shutdown()
@@ -48,7 +56,9 @@ def sweep(ray_session: Any, tmp_path: Path) -> Callable[..., Any]:
     """Run a tiny real Tune sweep in ``tmp_path`` and return a SweepOutcome."""
     from tests.helpers import run_sweep
 
-    def _run(trainable: Any, param_space: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+    def _run(
+        trainable: Any, param_space: dict[str, Any] | None = None, **kwargs: Any
+    ) -> Any:
         return run_sweep(trainable, param_space or {}, tmp_path, **kwargs)
 
     return _run

@@ -68,7 +68,13 @@ def tune_iterations(result: Any) -> list[int]:
 
 def user_columns(row: dict[str, Any]) -> dict[str, Any]:
     """A row without W&B's own ``_`` columns and Tune's timing bookkeeping."""
-    bookkeeping = {"timestamp", "time_this_iter_s", "time_total_s",
-                   "time_since_restore", "iterations_since_restore"}
-    return {k: v for k, v in row.items()
-            if not k.startswith("_") and k not in bookkeeping}
+    bookkeeping = {
+        "timestamp",
+        "time_this_iter_s",
+        "time_total_s",
+        "time_since_restore",
+        "iterations_since_restore",
+    }
+    return {
+        k: v for k, v in row.items() if not k.startswith("_") and k not in bookkeeping
+    }

@@ -29,6 +29,7 @@ def passthrough(fn):
 
 # -- forms and metadata ---------------------------------------------------------
 
+
 def test_bare_and_called_forms_keep_name_doc_and_signature():
     for decorated in (wandb_trainable(plain), wandb_trainable(project="p")(plain)):
         assert decorated.__name__ == "plain"
@@ -51,8 +52,9 @@ def test_tune_attributes_survive_in_any_order():
     over = wandb_trainable(project="p")(tune.with_resources(plain, resources))
     for fn in (under, over):
         assert fn._resources is not None
-        assert any(issubclass(m, wandbtune._mixin.WandbTrainableMixin)
-                   for m in fn.__mixins__)
+        assert any(
+            issubclass(m, wandbtune._mixin.WandbTrainableMixin) for m in fn.__mixins__
+        )
 
 
 def test_decorating_twice_is_an_error():
@@ -75,13 +77,20 @@ def test_the_decorator_survives_cloudpickle(by_value):
 
 STACKS = {
     "with_parameters over": lambda: tune.with_parameters(
-        wandb_trainable(project="stack")(plain), data=7),
+        wandb_trainable(project="stack")(plain), data=7
+    ),
     "with_parameters under": lambda: wandb_trainable(project="stack")(
-        tune.with_parameters(plain, data=7)),
+        tune.with_parameters(plain, data=7)
+    ),
     "with_resources over": lambda: tune.with_resources(
-        wandb_trainable(project="stack")(plain), {"cpu": 1}),
-    "functools.wraps over": lambda: passthrough(wandb_trainable(project="stack")(plain)),
-    "functools.wraps under": lambda: wandb_trainable(project="stack")(passthrough(plain)),
+        wandb_trainable(project="stack")(plain), {"cpu": 1}
+    ),
+    "functools.wraps over": lambda: passthrough(
+        wandb_trainable(project="stack")(plain)
+    ),
+    "functools.wraps under": lambda: wandb_trainable(project="stack")(
+        passthrough(plain)
+    ),
 }
 
 
@@ -108,6 +117,7 @@ def test_a_wrapper_that_drops_the_mixin_fails_with_a_clear_error(sweep):
 
 
 # -- misuse, caught at decoration time -------------------------------------------
+
 
 def test_a_class_points_to_the_callback():
     class MyTrainable(tune.Trainable):
@@ -177,6 +187,7 @@ def test_a_bad_wandb_config_entry_fails_the_trial_with_the_fix(sweep):
 
 # -- nothing stays patched -------------------------------------------------------
 
+
 def test_ray_train_api_is_patched_only_inside_the_scope():
     original = ray.train.report
     assert not train_api_is_forwarded()
@@ -217,6 +228,7 @@ def test_nothing_stays_patched_between_trials_of_one_worker(sweep):
 
 # -- setup_wandb ------------------------------------------------------------------
 
+
 def test_setup_wandb_reads_settings_from_config_and_never_logs_them(sweep):
     def holds_its_run(config):
         run = wandbtune.setup_wandb(config)
@@ -226,8 +238,9 @@ def test_setup_wandb_reads_settings_from_config_and_never_logs_them(sweep):
         run.finish()
 
     secret = "k" * 40
-    out = sweep(holds_its_run, {"lr": 0.1, "wandb": {"project": "held",
-                                                      "api_key": secret}})
+    out = sweep(
+        holds_its_run, {"lr": 0.1, "wandb": {"project": "held", "api_key": secret}}
+    )
     (result,) = out.results
     assert result.error is None, result.error
     run = out.only_run()
@@ -241,8 +254,9 @@ def test_setup_wandb_reads_settings_from_config_and_never_logs_them(sweep):
 
 def test_setup_wandb_keyword_arguments_win_over_defaults(sweep):
     def custom(config):
-        run = wandbtune.setup_wandb(config, project="kw", name="custom-name",
-                                    group="custom-group")
+        run = wandbtune.setup_wandb(
+            config, project="kw", name="custom-name", group="custom-group"
+        )
         run.log({"x": 1})
         run.finish()
         tune.report({"done_": 1})

@@ -63,8 +63,9 @@ def test_trials_stopped_early_by_asha_are_complete_and_finished(sweep):
         # rung's cutoff, so ASHA stops it early (deterministically).
         {"q": tune.grid_search([4, 3, 2, 1])},
         tune_config=tune.TuneConfig(
-            scheduler=ASHAScheduler(metric="score", mode="max", max_t=8,
-                                    grace_period=1, reduction_factor=2),
+            scheduler=ASHAScheduler(
+                metric="score", mode="max", max_t=8, grace_period=1, reduction_factor=2
+            ),
             max_concurrent_trials=1,
         ),
     )

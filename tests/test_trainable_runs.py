@@ -12,8 +12,9 @@ from wandbtune import wandb_trainable
 
 
 def test_each_trial_is_one_run_with_trial_identity_and_config(sweep):
-    out = sweep(trainables.train_fc, {"alpha": tune.grid_search([0.1, 0.2])},
-                name="identity")
+    out = sweep(
+        trainables.train_fc, {"alpha": tune.grid_search([0.1, 0.2])}, name="identity"
+    )
     assert len(out.runs) == 2
     for result in out.results:
         run = out.run_for(result)
@@ -51,9 +52,14 @@ def test_log_config_logs_config_columns(sweep):
 
 
 def test_docs_style_bare_decorator_settings_from_config_and_train_report(sweep):
-    space = {"a": tune.choice([1, 2, 3]), "b": tune.choice([4, 5, 6]),
-             "wandb": {"project": "Optimization_Project",
-                       "api_key_file": "~/.wandb_key_that_does_not_exist"}}
+    space = {
+        "a": tune.choice([1, 2, 3]),
+        "b": tune.choice([4, 5, 6]),
+        "wandb": {
+            "project": "Optimization_Project",
+            "api_key_file": "~/.wandb_key_that_does_not_exist",
+        },
+    }
     out = sweep(trainables.train_docs_style, space)
     (result,) = out.results
     assert result.error is None
@@ -96,7 +102,9 @@ def test_every_report_path_is_mirrored_exactly_once(sweep):
     assert result.error is None, result.error
     run = out.only_run()
     assert run.column("via") == [1, 2, 3, 4, 5]
-    assert run.column("training_iteration") == tune_iterations(result) == [1, 2, 3, 4, 5]
+    assert (
+        run.column("training_iteration") == tune_iterations(result) == [1, 2, 3, 4, 5]
+    )
 
 
 def test_yielded_dicts_are_mirrored(sweep):
@@ -113,8 +121,12 @@ def test_yielded_dicts_are_mirrored(sweep):
 def test_the_trainable_sees_its_config_unchanged(sweep):
     @wandb_trainable
     def check_config(config):
-        tune.report({"has_wandb_key": "wandb" in config,
-                     "project_in_config": config["wandb"]["project"] == "seen"})
+        tune.report(
+            {
+                "has_wandb_key": "wandb" in config,
+                "project_in_config": config["wandb"]["project"] == "seen",
+            }
+        )
 
     out = sweep(check_config, {"x": 1, "wandb": {"project": "seen"}})
     row = user_columns(out.only_run().rows[0])
@@ -128,14 +140,23 @@ def test_strange_values_never_break_training(sweep):
 
     @wandb_trainable(project="strange")
     def strange(config):
-        tune.report({
-            "np_float": np.float32(1.5), "np_int": np.int64(7), "nan": float("nan"),
-            "inf": float("inf"), "none": None, "text": "hello", "bytes": b"raw",
-            "obj": NoJson(), "image": np.zeros((4, 4, 3), dtype=np.uint8),
-            "video": np.zeros((1, 2, 3, 8, 8), dtype=np.uint8),
-            "arr1": np.arange(5), "list": [1, 2, 3],
-            "deep": {"a": {"b": {"c": 1}}},
-        })
+        tune.report(
+            {
+                "np_float": np.float32(1.5),
+                "np_int": np.int64(7),
+                "nan": float("nan"),
+                "inf": float("inf"),
+                "none": None,
+                "text": "hello",
+                "bytes": b"raw",
+                "obj": NoJson(),
+                "image": np.zeros((4, 4, 3), dtype=np.uint8),
+                "video": np.zeros((1, 2, 3, 8, 8), dtype=np.uint8),
+                "arr1": np.arange(5),
+                "list": [1, 2, 3],
+                "deep": {"a": {"b": {"c": 1}}},
+            }
+        )
 
     out = sweep(strange)
     (result,) = out.results
@@ -149,6 +170,8 @@ def test_strange_values_never_break_training(sweep):
     assert row["image"]["_type"] == "image-file"
     assert row["video"]["_type"] == "video-file"
     assert row["deep/a/b/c"] == 1
+    assert row["list"] == [1, 2, 3]
+    assert row["nan"] != row["nan"] and row["inf"] == float("inf")
 
 
 def test_users_own_wandb_logging_never_drops_a_mirrored_row(sweep):
@@ -171,6 +194,9 @@ def test_users_own_wandb_logging_never_drops_a_mirrored_row(sweep):
     assert run.column("extra") == [0, 1, 2, 3, 4]
     steps = [r["_step"] for r in run.rows]
     assert steps == sorted(steps) and len(set(steps)) == len(steps)
+    # W&B fills the last reported iteration into the user's own rows
+    own = [r for r in run.rows if "extra2" in r and "metric" not in r]
+    assert own and all("training_iteration" in r for r in own[1:])
 
 
 def test_commit_false_user_data_lands_in_the_mirrored_row(sweep):

@@ -13,8 +13,13 @@ from wandbtune import wandb_trainable
 def train_fc(config):
     """Module-level trainable in the README's first example."""
     for i in range(4):
-        tune.report({"mean_accuracy": (i + config["alpha"]) / 10,
-                     "debug": {"grad": i}, "nested": {"x": i}})
+        tune.report(
+            {
+                "mean_accuracy": (i + config["alpha"]) / 10,
+                "debug": {"grad": i},
+                "nested": {"x": i},
+            }
+        )
 
 
 @wandb_trainable

@@ -8,8 +8,9 @@ change in Ray breaks this module loudly instead of a trial deep inside.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Optional
 
 from ray.train._internal import session as _session_mod
 from ray.tune.result import RESULT_DUPLICATE
@@ -103,7 +104,9 @@ def train_api_forwarded_to_tune() -> Iterator[None]:
                 parent, attribute, original = wrapt.resolve_path("ray.train", name)
                 _forward_saved.append((parent, attribute, original))
                 wrapt.apply_patch(
-                    parent, attribute, wrapt.FunctionWrapper(original, _forwarding(name))
+                    parent,
+                    attribute,
+                    wrapt.FunctionWrapper(original, _forwarding(name)),
                 )
         _forward_depth += 1
     try:

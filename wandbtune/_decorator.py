@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar, overload
+from typing import Any, Optional, TypeVar, overload
 
 from wandbtune import _compat, _mixin
 from wandbtune._settings import Settings
@@ -145,7 +146,8 @@ def _check_signature(fn: Callable[..., Any]) -> None:
         return  # a builtin or C callable: let Tune judge
     params = list(sig.parameters.values())
     positional = [
-        p for p in params
+        p
+        for p in params
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
     ]
     if not positional:
@@ -156,7 +158,8 @@ def _check_signature(fn: Callable[..., Any]) -> None:
         )
     first = positional[0]
     required_after = [
-        p for p in params[params.index(first) + 1:]
+        p
+        for p in params[params.index(first) + 1 :]
         if p.default is p.empty
         and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
     ]
@@ -187,4 +190,4 @@ def _check_init_kwargs(settings: Settings) -> None:
 
 
 def _name(fn: Any) -> str:
-    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", repr(fn))
+    return str(getattr(fn, "__qualname__", None) or getattr(fn, "__name__", fn))

@@ -113,6 +113,9 @@ def mixin_for(settings: Settings) -> type:
     return type(
         "WandbTrainableMixin",
         (WandbTrainableMixin,),
-        {"_wandbtune_settings": settings, "__module__": __name__,
-         "__qualname__": "mixin_for.<locals>.WandbTrainableMixin"},
+        {
+            "_wandbtune_settings": settings,
+            "__module__": __name__,
+            "__qualname__": "mixin_for.<locals>.WandbTrainableMixin",
+        },
     )

@@ -21,15 +21,21 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 TRAINING_ITERATION = "training_iteration"
 
 #: Tune's control flags: never logged.
 CONTROL_KEYS = frozenset(
-    {"done", "should_checkpoint", "__duplicate__", "checkpoint_dir_name",
-     # a wall-clock string that changes every second; W&B keeps _timestamp
-     "date"}
+    {
+        "done",
+        "should_checkpoint",
+        "__duplicate__",
+        "checkpoint_dir_name",
+        # a wall-clock string that changes every second; W&B keeps _timestamp
+        "date",
+    }
 )
 
 #: Keys that identify the trial rather than measure it: sent to config once.
@@ -100,12 +106,13 @@ def clean(value: Any) -> Any:
 def _clean(value: Any, depth: int) -> Any:
     if value is None or isinstance(value, (bool, str)):
         return value
+    np = _numpy()
+    if np is not None and isinstance(value, np.generic):
+        value = value.item()  # numpy scalar -> Python bool, int, float, str...
     if isinstance(value, numbers.Number) and not isinstance(value, complex):
-        item = getattr(value, "item", None)  # numpy scalar -> Python number
-        return item() if callable(item) else value
+        return value
     if isinstance(value, bytes):
         return value.decode("utf-8", errors="replace")
-    np = _numpy()
     if np is not None and isinstance(value, np.ndarray):
         return _clean_array(np, value)
     if _is_wandb_value(value):
@@ -118,6 +125,8 @@ def _clean(value: Any, depth: int) -> Any:
         if depth > 8:
             return _as_text(value)
         return [_clean(v, depth + 1) for v in value]
+    if isinstance(value, (bool, str)) or value is None:
+        return value
     return _fallback(value)
 
 
@@ -173,6 +182,7 @@ def _is_wandb_value(value: Any) -> bool:
     if wandb is None:
         return False
     base = getattr(getattr(wandb, "sdk", None), "data_types", None)
-    wb_value = getattr(getattr(getattr(base, "base_types", None), "wb_value", None),
-                       "WBValue", None)
+    wb_value = getattr(
+        getattr(getattr(base, "base_types", None), "wb_value", None), "WBValue", None
+    )
     return wb_value is not None and isinstance(value, wb_value)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from wandbtune import _compat
 from wandbtune._row import TRAINING_ITERATION, clean, is_excluded, to_row
@@ -63,10 +64,8 @@ def start_run(settings: Settings, **trial: Any) -> Any:
     import wandb
 
     kwargs = init_kwargs(settings, **trial)
-    if not settings.offline():
-        key = settings.read_api_key()
-        if key:
-            kwargs["settings"] = _with_api_key(kwargs.get("settings"), key)
+    key = None if settings.offline() else settings.read_api_key()
+    kwargs["settings"] = _wandb_settings(kwargs.get("settings"), key)
     if wandb.run is not None:
         # A run left open in this process (by user code or an earlier trial
         # that was never cleaned up) would otherwise swallow this trial's rows.
@@ -77,14 +76,21 @@ def start_run(settings: Settings, **trial: Any) -> Any:
         raise ConfigError(f"wandb.init rejected the arguments: {exc}") from exc
 
 
-def _with_api_key(settings: Any, key: str) -> Any:
+def _wandb_settings(user: Any, api_key: str | None) -> Any:
+    """The user's ``wandb.Settings`` (or dict), else quiet ones, with the key.
+
+    Quiet by default: a sweep of many trials would otherwise print W&B's
+    banner and run summary for every trial into the driver's output. The key
+    travels in the settings object, not the environment or a file.
+    """
     import wandb
 
-    if settings is None:
-        return wandb.Settings(api_key=key)
-    if isinstance(settings, Mapping):
-        return wandb.Settings(**{**settings, "api_key": key})
-    return settings.model_copy(update={"api_key": key})
+    extra: dict[str, Any] = {"api_key": api_key} if api_key else {}
+    if user is None:
+        return wandb.Settings(quiet=True, **extra)
+    if isinstance(user, Mapping):
+        return wandb.Settings(**{**user, **extra})
+    return user.model_copy(update=extra) if extra else user
 
 
 class TrialRun:
@@ -105,7 +111,7 @@ class TrialRun:
             self._warn_once("define_metric", f"could not set the x-axis: {exc}")
 
     @classmethod
-    def start(cls, settings: Settings, **trial: Any) -> "TrialRun":
+    def start(cls, settings: Settings, **trial: Any) -> TrialRun:
         return cls(start_run(settings, **trial), settings)
 
     def log_result(self, result: Mapping[str, Any]) -> None:
@@ -121,7 +127,8 @@ class TrialRun:
             if self.settings.log_config and isinstance(result.get("config"), Mapping):
                 config.update(run_config(result["config"], self.settings.excludes))
             changed = {
-                k: v for k, v in config.items()
+                k: v
+                for k, v in config.items()
                 if k not in self._sent_config or self._sent_config[k] != v
             }
             if changed:

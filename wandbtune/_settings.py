@@ -4,15 +4,23 @@ with a trial's ``config["wandb"]``."""
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 #: The key of the trial config that holds per-trial settings.
 CONFIG_KEY = "wandb"
 
 #: Arguments that are ours, not ``wandb.init``'s.
-_OWN = ("project", "group", "api_key_file", "api_key", "excludes", "log_config",
-        "upload_checkpoints")
+_OWN = (
+    "project",
+    "group",
+    "api_key_file",
+    "api_key",
+    "excludes",
+    "log_config",
+    "upload_checkpoints",
+)
 
 #: ``wandb.init`` arguments that wandbtune sets itself, per trial.
 _MANAGED = ("id", "name", "config", "resume", "reinit")
@@ -39,7 +47,7 @@ class Settings:
     init_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_arguments(cls, where: str, **kwargs: Any) -> "Settings":
+    def from_arguments(cls, where: str, **kwargs: Any) -> Settings:
         """Check arguments as given to the decorator or in ``config["wandb"]``."""
         own = {k: kwargs.pop(k) for k in _OWN if k in kwargs}
         for name in _MANAGED:
@@ -56,12 +64,12 @@ class Settings:
                     f"{where}: {key} must be a string, got {type(value).__name__}."
                 )
         if own.get("api_key") and own.get("api_key_file"):
-            raise ConfigError(
-                f"{where}: give api_key or api_key_file, not both."
-            )
+            raise ConfigError(f"{where}: give api_key or api_key_file, not both.")
         excludes = own.get("excludes", ())
-        if isinstance(excludes, str) or not isinstance(excludes, Sequence) or not all(
-            isinstance(e, str) for e in excludes
+        if (
+            isinstance(excludes, str)
+            or not isinstance(excludes, Sequence)
+            or not all(isinstance(e, str) for e in excludes)
         ):
             raise ConfigError(
                 f"{where}: excludes must be a list of metric names (strings), "
@@ -84,7 +92,7 @@ class Settings:
             init_kwargs=dict(kwargs),
         )
 
-    def merged(self, trial_config: Mapping[str, Any]) -> "Settings":
+    def merged(self, trial_config: Mapping[str, Any]) -> Settings:
         """These settings overridden by the trial's ``config["wandb"]``."""
         overrides = trial_config.get(CONFIG_KEY) if trial_config else None
         if overrides is None:

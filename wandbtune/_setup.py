@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any, Optional
 
 from wandbtune import _compat
 from wandbtune._run import start_run
@@ -45,16 +46,20 @@ def setup_wandb(
     for alias, name in (("trial_id", "id"), ("trial_name", "name")):
         if alias in overrides:
             overrides.setdefault(name, overrides.pop(alias))
-    managed = {k: overrides.pop(k) for k in ("id", "name", "resume", "reinit")
-               if k in overrides}
+    managed: dict[str, Any] = {
+        k: overrides.pop(k)
+        for k in ("id", "name", "resume", "reinit")
+        if k in overrides
+    }
     if "config" in overrides:
         raise TypeError("setup_wandb: pass the config as the first argument.")
     settings = Settings.from_arguments(
         "setup_wandb", api_key=api_key, api_key_file=api_key_file, **overrides
     ).merged(config)
     if managed:
-        settings = Settings(**{**settings.__dict__,
-                               "init_kwargs": {**settings.init_kwargs, **managed}})
+        settings = Settings(
+            **{**settings.__dict__, "init_kwargs": {**settings.init_kwargs, **managed}}
+        )
 
     info = getattr(session, "trial_info", None)
     return start_run(

@@ -14,8 +14,9 @@ import json
 import os
 import struct
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 __all__ = ["RunFile", "find_run_files", "read_records", "read_run"]
 
@@ -71,7 +72,7 @@ def read_records(path: str | os.PathLike[str]) -> Iterator[Any]:
         else:
             raise ValueError(f"{path}: unknown chunk type {chunk_type} at {pos}")
         if chunk_type in (_FULL, _LAST):
-            record = wandb_internal_pb2.Record()
+            record = wandb_internal_pb2.Record()  # type: ignore[attr-defined]
             record.ParseFromString(pending)
             yield record
             pending = b""
@@ -162,6 +163,7 @@ def find_run_files(root: str | os.PathLike[str]) -> list[str]:
     ``latest-run`` links are skipped)."""
     pattern = os.path.join(os.fspath(root), "**", "run-*.wandb")
     return sorted(
-        path for path in glob.glob(pattern, recursive=True)
+        path
+        for path in glob.glob(pattern, recursive=True)
         if "latest-run" not in path.split(os.sep)
     )

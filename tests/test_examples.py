@@ -1,0 +1,68 @@
+"""The examples run as scripts: their trainables live in ``__main__`` and
+travel to Tune's workers by value. Each starts its own Ray."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from wandbtune.testing import find_run_files, read_run
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def run_example(name: str, storage: Path, env: dict[str, str]) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), str(storage)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.fixture
+def clean_env(tmp_path: Path) -> dict[str, str]:
+    """A user with no W&B credentials and no WANDB_MODE set."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env["HOME"] = str(tmp_path / "home")  # no ~/.netrc, no ~/.wandb_key
+    (tmp_path / "home").mkdir()
+    return env
+
+
+def test_quickstart_needs_no_account_and_says_how_to_sync(tmp_path, clean_env):
+    out = run_example("quickstart.py", tmp_path / "results", clean_env)
+    assert "logging offline" in out
+    assert "wandb sync" in out and "offline-run-*" in out
+    runs = [read_run(p) for p in find_run_files(tmp_path / "results")]
+    assert len(runs) == 3
+    for run in runs:
+        assert run.project == "wandbtune-quickstart" and run.group == "quickstart"
+        assert run.column("training_iteration") == list(range(1, 11))
+        assert run.exit_code == 0
+        assert "debug/step_seconds" not in run.rows[0]
+        assert run.column("config/alpha")[0] == run.config["alpha"]
+
+
+def test_docs_style_example_runs_offline_without_a_key_file(tmp_path, clean_env):
+    run_example("docs_style.py", tmp_path / "results", clean_env)
+    (path,) = find_run_files(tmp_path / "results")
+    run = read_run(path)
+    assert run.project == "Optimization_Project" and "wandb" not in run.config
+    assert run.column("loss") == [run.config["a"] + run.config["b"]] * 10
+    assert run.exit_code == 0
+
+
+def test_asha_example_finishes_every_run_including_stopped_ones(tmp_path, clean_env):
+    run_example("asha.py", tmp_path / "results", clean_env)
+    runs = [read_run(p) for p in find_run_files(tmp_path / "results")]
+    assert len(runs) == 4
+    assert all(run.exit_code == 0 for run in runs)
+    lengths = sorted(len(run.rows) for run in runs)
+    assert lengths[-1] == 20 and lengths[0] < 20  # some were stopped early
