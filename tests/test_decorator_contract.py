@@ -85,6 +85,9 @@ STACKS = {
     "with_resources over": lambda: tune.with_resources(
         wandb_trainable(project="stack")(plain), {"cpu": 1}
     ),
+    "with_resources under": lambda: wandb_trainable(project="stack")(
+        tune.with_resources(plain, {"cpu": 1})
+    ),
     "functools.wraps over": lambda: passthrough(
         wandb_trainable(project="stack")(plain)
     ),

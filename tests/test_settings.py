@@ -1,0 +1,74 @@
+"""Settings resolution and the arguments wandbtune gives wandb.init."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+from wandbtune._run import TrialRun, init_kwargs
+from wandbtune._settings import ConfigError, Settings
+
+
+@pytest.mark.parametrize("var", ["WANDB_PROJECT_NAME", "WANDB_PROJECT"])
+def test_project_comes_from_the_environment_like_rays(monkeypatch, var):
+    monkeypatch.delenv("WANDB_PROJECT_NAME", raising=False)
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    monkeypatch.setenv(var, "from-env")
+    assert Settings().resolved_project() == "from-env"
+    assert Settings(project="explicit").resolved_project() == "explicit"
+
+
+def test_trial_config_overrides_the_decorator_and_replaces_its_key_source():
+    base = Settings.from_arguments(
+        "t", project="a", api_key_file="/k", excludes=["x"], tags=["t1"]
+    )
+    merged = base.merged({"wandb": {"project": "b", "api_key": "k2", "notes": "n"}})
+    assert merged.project == "b" and merged.api_key == "k2"
+    assert merged.api_key_file is None and merged.excludes == ("x",)
+    assert merged.init_kwargs == {"tags": ["t1"], "notes": "n"}
+    assert base.merged({"lr": 1}) is base
+
+
+def test_the_key_is_never_part_of_the_repr_or_init_kwargs():
+    settings = Settings.from_arguments("t", project="p", api_key="secret-key")
+    assert "secret-key" not in repr(settings)
+    kwargs = init_kwargs(
+        settings,
+        trial_id="t1",
+        trial_name="n",
+        experiment="e",
+        config={"wandb": {"api_key": "secret-key"}, "lr": 1},
+        dir=None,
+    )
+    assert "secret-key" not in repr(kwargs)
+    assert kwargs["config"] == {"lr": 1}
+
+
+def test_an_unreadable_key_file_names_the_fixes(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    settings = Settings(project="p", api_key_file=str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="WANDB_API_KEY.*WANDB_MODE=offline"):
+        settings.read_api_key()
+
+
+def test_wandb_init_gets_no_deprecated_arguments(tmp_path, capfd, monkeypatch):
+    # W&B prints its deprecation warnings; let it speak for this test.
+    monkeypatch.delenv("WANDB_SILENT", raising=False)
+    settings = Settings.from_arguments(
+        "t", project="p", mode="offline", settings={"quiet": False}
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = TrialRun.start(
+            settings,
+            trial_id="dep1",
+            trial_name="dep",
+            experiment="e",
+            config={"a": 1},
+            dir=str(tmp_path),
+        )
+        run.log_result({"training_iteration": 1, "x": 1.0})
+        run.finish(flush=True)
+    messages = [str(w.message) for w in caught] + [capfd.readouterr().err]
+    assert not [m for m in messages if "deprecat" in m.lower()], messages
