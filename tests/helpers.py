@@ -53,7 +53,7 @@ def run_sweep(
     )
     results = tuner.fit()
     runs: dict[str, RunFile] = {}
-    for path in find_run_files(storage):
+    for path in find_run_files(storage / name):
         run = read_run(path)
         assert run.run_id not in runs, f"two run files for {run.run_id}"
         runs[run.run_id] = run

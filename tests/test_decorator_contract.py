@@ -122,12 +122,24 @@ def test_a_wrapper_that_drops_the_mixin_fails_with_a_clear_error(sweep):
 # -- misuse, caught at decoration time -------------------------------------------
 
 
-def test_a_class_points_to_the_callback():
-    class MyTrainable(tune.Trainable):
+def test_a_class_that_is_not_a_trainable_points_to_the_callback():
+    class NotATrainable:
         pass
 
     with pytest.raises(TypeError, match="WandbLoggerCallback"):
-        wandb_trainable(MyTrainable)
+        wandb_trainable(NotATrainable)
+
+
+def test_a_trainable_class_is_decorated_as_a_subclass():
+    class MyTrainable(tune.Trainable):
+        """Doc."""
+
+    decorated = wandb_trainable(project="p")(MyTrainable)
+    assert issubclass(decorated, MyTrainable)
+    assert decorated.__name__ == "MyTrainable" and decorated.__doc__ == "Doc."
+    assert "_wandbtune_run" not in vars(MyTrainable)  # the original is untouched
+    with pytest.raises(TypeError, match="twice"):
+        wandb_trainable(decorated)
 
 
 def test_a_signature_tune_cannot_call_is_rejected():

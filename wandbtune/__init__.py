@@ -3,6 +3,7 @@
 from wandbtune._decorator import wandb_trainable
 from wandbtune._settings import ConfigError
 from wandbtune._setup import setup_wandb
+from wandbtune.callback import WandbLoggerCallback
 
-__all__ = ["ConfigError", "setup_wandb", "wandb_trainable"]
+__all__ = ["ConfigError", "WandbLoggerCallback", "setup_wandb", "wandb_trainable"]
 __version__ = "0.1.0"

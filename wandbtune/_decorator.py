@@ -49,7 +49,7 @@ def wandb_trainable(
     upload_checkpoints: bool = False,
     **wandb_init_kwargs: Any,
 ) -> Any:
-    """Log every trial of a Ray Tune function trainable as one W&B run.
+    """Log every trial of a Ray Tune trainable as one W&B run.
 
     Use bare (``@wandb_trainable``) or with the arguments of Ray's
     ``WandbLoggerCallback``: ``project``, ``group``, ``api_key_file``,
@@ -63,6 +63,9 @@ def wandb_trainable(
     run is finished when the trial returns (exit code 0), raises (exit code 1;
     the exception reaches Tune unchanged) or is stopped by a scheduler
     (exit code 0), and its data is on disk before the trial's process exits.
+
+    A ``tune.Trainable`` subclass can be decorated too: results of ``step()``
+    are logged, the run is finished in ``cleanup``.
     """
     settings = Settings.from_arguments(
         "@wandb_trainable",
@@ -75,7 +78,7 @@ def wandb_trainable(
         upload_checkpoints=upload_checkpoints,
         **wandb_init_kwargs,
     )
-    _check_init_kwargs(settings)
+    settings.check_init_kwargs("@wandb_trainable")
     if fn is None:
         return functools.partial(_decorate, settings=settings)
     return _decorate(fn, settings)
@@ -83,11 +86,7 @@ def wandb_trainable(
 
 def _decorate(fn: F, settings: Settings) -> F:
     if inspect.isclass(fn):
-        raise TypeError(
-            f"@wandb_trainable wraps function trainables, and {fn.__name__} is a "
-            "class. For a tune.Trainable subclass, log with the callback: "
-            "tune.RunConfig(callbacks=[wandbtune.WandbLoggerCallback(project=...)])."
-        )
+        return _decorate_class(fn, settings)  # type: ignore[return-value]
     if not callable(fn):
         raise TypeError(
             f"@wandb_trainable needs a function, got {type(fn).__name__}. "
@@ -117,6 +116,30 @@ def _decorate(fn: F, settings: Settings) -> F:
     wrapper.__signature__ = inspect.signature(fn)  # type: ignore[attr-defined]
     wrapper.__mixins__ = (_mixin.mixin_for(settings),) + mixins  # type: ignore[attr-defined]
     return wrapper  # type: ignore[return-value]
+
+
+def _decorate_class(cls: type, settings: Settings) -> type:
+    """A subclass of a ``tune.Trainable`` with the same instrumentation."""
+    from ray.tune import Trainable
+
+    if not issubclass(cls, Trainable):
+        raise TypeError(
+            f"@wandb_trainable takes a Tune function trainable or a tune.Trainable "
+            f"subclass; {cls.__name__} is neither. For any other Tune setup, log "
+            "with tune.RunConfig(callbacks=[wandbtune.WandbLoggerCallback(...)])."
+        )
+    if issubclass(cls, _mixin.WandbTrainableMixin):
+        raise TypeError(f"{cls.__name__} is decorated with @wandb_trainable twice.")
+    return type(
+        cls.__name__,
+        (_mixin.mixin_for(settings), cls),
+        {
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+            "__doc__": cls.__doc__,
+            "__wrapped__": cls,
+        },
+    )
 
 
 @contextmanager
@@ -169,23 +192,6 @@ def _check_signature(fn: Callable[..., Any]) -> None:
         raise TypeError(
             f"{_name(fn)}{sig}: the parameters after `config` can only be filled "
             "by tune.with_parameters(...) if they can be passed by keyword."
-        )
-
-
-def _check_init_kwargs(settings: Settings) -> None:
-    """Catch a misspelt ``wandb.init`` argument at decoration time."""
-    if not settings.init_kwargs:
-        return
-    import wandb
-
-    accepted = inspect.signature(wandb.init).parameters
-    unknown = sorted(set(settings.init_kwargs) - set(accepted))
-    if unknown:
-        raise TypeError(
-            f"@wandb_trainable: unknown argument(s) {', '.join(unknown)}. Other "
-            "than project, group, api_key_file, api_key, excludes, log_config and "
-            "upload_checkpoints, arguments go to wandb.init, which takes: "
-            f"{', '.join(sorted(accepted))}."
         )
 
 

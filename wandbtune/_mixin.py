@@ -52,6 +52,17 @@ class WandbTrainableMixin:
             self._wandbtune_run.log_result(result)
         return result
 
+    def save(self, *args: Any, **kwargs: Any) -> Any:
+        # Tune persists a checkpoint through save() for function and class
+        # trainables alike; the result holds it and its training_iteration.
+        saved = super().save(*args, **kwargs)  # type: ignore[misc]
+        if self._wandbtune_run is not None:
+            metrics = getattr(saved, "metrics", None) or {}
+            self._wandbtune_run.log_checkpoint(
+                getattr(saved, "checkpoint", None), metrics.get("training_iteration")
+            )
+        return saved
+
     def cleanup(self) -> None:
         thread = _compat.training_thread()
         failed = False

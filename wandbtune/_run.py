@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from wandbtune import _compat
+from wandbtune._artifacts import log_checkpoint
 from wandbtune._row import TRAINING_ITERATION, clean, is_excluded, to_row
 from wandbtune._settings import CONFIG_KEY, GROUP_ENV_VAR, ConfigError, Settings
 
@@ -59,14 +60,21 @@ def init_kwargs(
     return kwargs
 
 
-def start_run(settings: Settings, **trial: Any) -> Any:
-    """``wandb.init`` for one trial; raises ConfigError on bad settings."""
+def start_run(settings: Settings, *, exclusive: bool = True, **trial: Any) -> Any:
+    """``wandb.init`` for one trial; raises ConfigError on bad settings.
+
+    ``exclusive``: the run is the process's only one (a trial actor), so a run
+    left open there is finished first. The callback holds one run per running
+    trial in the driver instead, side by side.
+    """
     import wandb
 
     kwargs = init_kwargs(settings, **trial)
     key = None if settings.offline() else settings.read_api_key()
     kwargs["settings"] = _wandb_settings(kwargs.get("settings"), key)
-    if wandb.run is not None:
+    if not exclusive:
+        kwargs["reinit"] = "create_new"
+    elif wandb.run is not None:
         # A run left open in this process (by user code or an earlier trial
         # that was never cleaned up) would otherwise swallow this trial's rows.
         wandb.run.finish()
@@ -100,6 +108,7 @@ class TrialRun:
         self.run = run
         self.settings = settings
         self.failed = False
+        self._checkpoints: set[str] = set()
         self._sent_config: dict[str, Any] = {}
         self._warned: set[str] = set()
         self._finished = False
@@ -113,6 +122,17 @@ class TrialRun:
     @classmethod
     def start(cls, settings: Settings, **trial: Any) -> TrialRun:
         return cls(start_run(settings, **trial), settings)
+
+    def log_checkpoint(self, checkpoint: Any, iteration: Any) -> None:
+        """Log a persisted Tune checkpoint as an artifact version, once, if
+        ``upload_checkpoints`` is on; never raises."""
+        if self._finished or checkpoint is None or not self.settings.upload_checkpoints:
+            return
+        key = str(getattr(checkpoint, "path", id(checkpoint)))
+        if key in self._checkpoints:
+            return
+        self._checkpoints.add(key)
+        log_checkpoint(self.run, checkpoint, trial_id=self.run.id, iteration=iteration)
 
     def log_result(self, result: Mapping[str, Any]) -> None:
         """Log one Tune result as one row; never raises."""

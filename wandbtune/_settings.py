@@ -115,6 +115,24 @@ class Settings:
             init_kwargs={**self.init_kwargs, **given.init_kwargs},
         )
 
+    def check_init_kwargs(self, where: str) -> None:
+        """Name a misspelt ``wandb.init`` argument now, not in every trial."""
+        if not self.init_kwargs:
+            return
+        import inspect
+
+        import wandb
+
+        accepted = inspect.signature(wandb.init).parameters
+        unknown = sorted(set(self.init_kwargs) - set(accepted))
+        if unknown:
+            raise TypeError(
+                f"{where}: unknown argument(s) {', '.join(unknown)}. Other than "
+                "project, group, api_key_file, api_key, excludes, log_config and "
+                "upload_checkpoints, arguments go to wandb.init, which takes: "
+                f"{', '.join(sorted(accepted))}."
+            )
+
     def resolved_project(self) -> str | None:
         if self.project:
             return self.project

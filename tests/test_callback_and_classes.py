@@ -1,0 +1,292 @@
+"""WandbLoggerCallback and decorated class trainables: same runs, same rows."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.fs
+import pytest
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+
+from tests.helpers import tune_iterations
+from tests.trainable_classes import Counter, DecoratedCounter
+from wandbtune import WandbLoggerCallback, wandb_trainable
+from wandbtune.testing import find_run_files, read_run
+
+#: Values that differ between any two runs of the same trial (timings, clocks).
+TIMING = {"time_this_iter_s", "time_total_s", "time_since_restore", "timestamp"}
+
+
+def reports_everything(config):
+    """One trainable for the parity test: every kind of value."""
+    import numpy as np
+
+    for i in range(3):
+        tune.report(
+            {
+                "loss": 1.0 / (i + 1),
+                "text": f"epoch {i}",
+                "list": [i, i + 1],
+                "np": np.float32(i),
+                "image": np.full((4, 4, 3), i, dtype=np.uint8),
+                "nested": {"deep": {"x": i}},
+                "debug": {"grad": i},
+            }
+        )
+
+
+def comparable(row):
+    out = {k: v for k, v in row.items() if not k.startswith("_") and k not in TIMING}
+    if isinstance(out.get("image"), dict):  # same pixels, same file digest
+        out["image"] = {k: v for k, v in out["image"].items() if k != "path"}
+    return out
+
+
+def test_decorator_and_callback_give_the_same_rows_and_config(sweep, tmp_path):
+    settings = {"excludes": ["debug"], "log_config": True}
+    decorated = sweep(
+        wandb_trainable(project="parity", **settings)(reports_everything),
+        {"lr": 0.1},
+        name="by_decorator",
+    ).only_run()
+    callback = sweep(
+        reports_everything,
+        {"lr": 0.1},
+        name="by_callback",
+        callbacks=[WandbLoggerCallback(project="parity", **settings)],
+    ).only_run()
+    assert [comparable(r) for r in decorated.rows] == [
+        comparable(r) for r in callback.rows
+    ]
+    assert [r["_step"] for r in decorated.rows] == [r["_step"] for r in callback.rows]
+    identity = {"trial_id", "pid", "hostname", "node_ip", "_wandb"}
+    assert {k: v for k, v in decorated.config.items() if k not in identity} == {
+        k: v for k, v in callback.config.items() if k not in identity
+    }
+    assert decorated.exit_code == callback.exit_code == 0
+
+
+@pytest.mark.parametrize("how", ["callback", "decorator"])
+def test_class_trainables_completed_failed_and_stopped(sweep, how):
+    kwargs = {}
+    trainable = DecoratedCounter
+    if how == "callback":
+        trainable = Counter
+        kwargs["callbacks"] = [WandbLoggerCallback(project="classes")]
+    out = sweep(
+        trainable,
+        {"fail_at": tune.grid_search([0, 3])},
+        stop={"training_iteration": 5},
+        **kwargs,
+    )
+    by_fail = {r.config["fail_at"]: r for r in out.results}
+    completed, failed = out.run_for(by_fail[0]), out.run_for(by_fail[3])
+    assert completed.column("a") == [0, 1, 2, 3, 4] and completed.exit_code == 0
+    assert completed.column("n/x") == [10, 20, 30, 40, 50]
+    assert failed.column("a") == [0, 1] and failed.exit_code == 1
+    assert "class trainable failed at step 3" in str(by_fail[3].error)
+
+
+@pytest.mark.parametrize("how", ["callback", "decorator"])
+def test_early_stopped_class_trials_finish_cleanly(sweep, how):
+    kwargs = {}
+    trainable = DecoratedCounter
+    if how == "callback":
+        trainable = Counter
+        kwargs["callbacks"] = [WandbLoggerCallback(project="classes")]
+    out = sweep(
+        trainable,
+        {"fail_at": 0, "rank": tune.grid_search([2, 1])},
+        tune_config=tune.TuneConfig(
+            scheduler=ASHAScheduler(
+                metric="score", mode="max", max_t=6, grace_period=1, reduction_factor=2
+            ),
+            max_concurrent_trials=1,
+        ),
+        **kwargs,
+    )
+    # Best trial first, one at a time: ASHA stops the second one early.
+    lengths = {}
+    for result in out.results:
+        run = out.run_for(result)
+        assert run.exit_code == 0
+        assert run.column("training_iteration") == tune_iterations(result)
+        lengths[result.config["rank"]] = len(run.rows)
+    assert lengths[2] == 6 and lengths[1] < 6, lengths
+
+
+def _checkpointing(config):
+    for i in range(2):
+        path = tempfile.mkdtemp()
+        Path(path, "weights.txt").write_text(str(i))
+        tune.report({"i": i}, checkpoint=tune.Checkpoint.from_directory(path))
+
+
+def _artifacts(run):
+    return [
+        (a.type, a.name, a.metadata, [(e.path, e.ref) for e in a.manifest.contents])
+        for a in run.artifacts
+    ]
+
+
+@pytest.mark.parametrize("how", ["callback", "decorator"])
+@pytest.mark.parametrize("storage", ["path", "file-uri"])
+def test_checkpoints_become_model_artifacts(ray_session, tmp_path, how, storage):
+    root = tmp_path / "results"
+    storage_path = str(root) if storage == "path" else root.as_uri()
+    trainable, callbacks = _checkpointing, None
+    if how == "callback":
+        callbacks = [WandbLoggerCallback(project="ckpt", upload_checkpoints=True)]
+    else:
+        trainable = wandb_trainable(project="ckpt", upload_checkpoints=True)(
+            _checkpointing
+        )
+    tune.Tuner(
+        trainable,
+        run_config=tune.RunConfig(
+            name="ckpt", storage_path=storage_path, callbacks=callbacks, verbose=0
+        ),
+    ).fit()
+    (path,) = find_run_files(root)
+    run = read_run(path)
+    arts = _artifacts(run)
+    assert [a[0] for a in arts] == ["model", "model"]
+    assert {a[1] for a in arts} == {f"checkpoint-{run.run_id}"}
+    assert ['"training_iteration":1' in a[2] for a in arts] == [True, False]
+    assert '"training_iteration":2' in arts[1][2]
+    assert all(a[3] == [("weights.txt", "")] for a in arts)  # uploaded files
+
+
+@pytest.mark.parametrize("how", ["callback", "decorator"])
+def test_checkpoints_on_remote_storage_become_reference_artifacts(
+    ray_session, tmp_path, how
+):
+    # A filesystem that is not the local one (as s3 or gcs would be), yet
+    # reachable here: wandbtune references the checkpoint instead of skipping it.
+    root = tmp_path / "remote"
+    root.mkdir()
+    fs = pyarrow.fs.SubTreeFileSystem(str(root), pyarrow.fs.LocalFileSystem())
+    trainable, callbacks = _checkpointing, None
+    if how == "callback":
+        callbacks = [
+            WandbLoggerCallback(
+                project="ref", upload_checkpoints=True, dir=str(tmp_path / "wandb-dir")
+            )
+        ]
+    else:
+        trainable = wandb_trainable(
+            project="ref", upload_checkpoints=True, dir=str(tmp_path / "wandb-dir")
+        )(_checkpointing)
+    tune.Tuner(
+        trainable,
+        run_config=tune.RunConfig(
+            name="ref",
+            storage_path="/store",
+            storage_filesystem=fs,
+            callbacks=callbacks,
+            verbose=0,
+        ),
+    ).fit()
+    (path,) = find_run_files(tmp_path / "wandb-dir")
+    arts = _artifacts(read_run(path))
+    assert len(arts) == 2
+    for _, _, metadata, entries in arts:
+        ((_, ref),) = entries
+        assert ref.startswith(f"file://{root}/store/ref/")
+        assert f"file://{root}/store/ref/" in metadata
+
+
+def test_the_callback_pickles_without_its_api_key(tmp_path):
+    secret = "secret-" + "k" * 33
+    callback = WandbLoggerCallback(project="p", api_key=secret)
+    assert secret.encode() not in pickle.dumps(callback)
+    restored = pickle.loads(pickle.dumps(callback))
+    assert restored._settings.project == "p"
+
+
+def test_a_decorated_trainable_with_the_callback_is_logged_once(sweep):
+    @wandb_trainable(project="once")
+    def fn(config):
+        tune.report({"x": 1})
+
+    out = sweep(fn, callbacks=[WandbLoggerCallback(project="once")])
+    assert out.only_run().column("x") == [1]
+
+
+def test_a_misspelt_callback_argument_is_named():
+    with pytest.raises(TypeError, match="projekt"):
+        WandbLoggerCallback(projekt="x")
+
+
+INTERRUPTED = """
+import os, sys, time
+from ray import tune
+from wandbtune import WandbLoggerCallback, wandb_trainable
+
+def slow(config):
+    for i in range(10_000):
+        time.sleep(0.02)
+        tune.report({"i": i})
+
+trainable = slow
+callbacks = []
+if sys.argv[2] == "decorator":
+    trainable = wandb_trainable(project="sigint")(slow)
+else:
+    callbacks = [WandbLoggerCallback(project="sigint")]
+if sys.argv[2] == "callback-beside-own-run":
+    import wandb  # the user's own run on the driver stays open throughout
+    parent = wandb.init(project="parent", dir=sys.argv[1] + "-parent")
+try:
+    tune.Tuner(trainable, param_space={"n": tune.grid_search([0, 1])},
+               run_config=tune.RunConfig(name="sigint", storage_path=sys.argv[1],
+                                         callbacks=callbacks, verbose=0)).fit()
+finally:
+    # Read the runs as fit() leaves them, before W&B's own exit hooks run.
+    from wandbtune.testing import find_run_files, read_run
+    for path in find_run_files(sys.argv[1]):
+        run = read_run(path)
+        print("RUN", run.run_id, len(run.rows), run.exit_code, flush=True)
+"""
+
+
+@pytest.mark.parametrize("how", ["callback", "decorator", "callback-beside-own-run"])
+def test_interrupting_fit_finishes_and_flushes_every_run(tmp_path, how):
+    storage = tmp_path / "results"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", INTERRUPTED, str(storage), how],
+        env=os.environ.copy(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(storage.glob("*/*/progress.csv"))) < 2:
+        time.sleep(0.5)
+    time.sleep(2)  # some results in
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    # As fit() returned: both runs complete and finished (an interrupted trial
+    # is finished like a stopped one, exit code 0).
+    seen = [line.split() for line in out.splitlines() if line.startswith("RUN ")]
+    assert len(seen) == 2, out
+    assert all(int(rows) > 0 and code == "0" for _, _, rows, code in seen), seen
+    # and every result Tune recorded is in W&B. (The decorator logs in the
+    # trial actor, so a last result the driver dropped while shutting down
+    # may be in W&B too: one row more, never one less.)
+    for path in find_run_files(storage):
+        run = read_run(path)
+        trial_dir = Path(path).parents[2]
+        recorded = (trial_dir / "progress.csv").read_text().count("\n") - 1
+        iterations = run.column("training_iteration")
+        assert iterations[:recorded] == list(range(1, recorded + 1))
+        extra = (0, 1) if how == "decorator" else (0,)
+        assert len(iterations) - recorded in extra
