@@ -72,3 +72,48 @@ def test_wandb_init_gets_no_deprecated_arguments(tmp_path, capfd, monkeypatch):
         run.finish(flush=True)
     messages = [str(w.message) for w in caught] + [capfd.readouterr().err]
     assert not [m for m in messages if "deprecat" in m.lower()], messages
+
+
+def test_driver_settings_travel_with_the_pickled_settings(monkeypatch):
+    import pickle
+
+    monkeypatch.setenv("WANDB_PROJECT", "driver-project")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_API_KEY", "never-shipped-" + "k" * 30)
+    shipped = pickle.loads(pickle.dumps(Settings()))
+    assert b"never-shipped" not in pickle.dumps(Settings())
+    monkeypatch.setenv("WANDB_PROJECT", "worker-project")
+    monkeypatch.delenv("WANDB_MODE")
+    assert shipped.resolved_project() == "driver-project"
+    assert shipped.offline()
+    assert Settings().resolved_project() == "worker-project"
+
+
+def test_a_rejected_value_is_logged_as_text_with_the_rest_of_the_row(tmp_path):
+    import wandb
+
+    from wandbtune.testing import find_run_files, read_run
+
+    class Broken(wandb.Histogram):  # a W&B value whose serialisation fails
+        def __init__(self):
+            pass
+
+        def to_json(self, run=None):
+            raise ValueError("cannot serialise")
+
+        def __str__(self):
+            return "broken-value"
+
+    run = TrialRun.start(
+        Settings(project="p", init_kwargs={"mode": "offline"}),
+        trial_id="rej1",
+        trial_name="rej",
+        experiment="e",
+        config={},
+        dir=str(tmp_path),
+    )
+    run.log_result({"training_iteration": 1, "loss": 0.5, "bad": Broken()})
+    run.finish(flush=True)
+    (path,) = find_run_files(tmp_path)
+    (row,) = read_run(path).rows
+    assert row["loss"] == 0.5 and row["bad"] == "broken-value"

@@ -222,3 +222,80 @@ def _tmp_checkpoint_dir() -> str:
     with open(f"{path}/weights.txt", "w") as fh:
         fh.write("w")
     return path
+
+
+def test_group_tags_notes_and_per_trial_overrides_reach_the_run(sweep):
+    @wandb_trainable(project="base", group="base-group", tags=["a"], notes="n1")
+    def fn(config):
+        tune.report({"x": 1})
+
+    out = sweep(
+        fn,
+        {
+            "which": tune.grid_search(["default", "override"]),
+            "wandb": tune.sample_from(
+                lambda spec: (
+                    {"project": "other", "group": "g2", "tags": ["b"]}
+                    if spec.config.which == "override"
+                    else {}
+                )
+            ),
+        },
+    )
+    runs = {r.config["which"]: out.run_for(r) for r in out.results}
+    default, override = runs["default"], runs["override"]
+    assert (default.project, default.group, default.tags, default.notes) == (
+        "base",
+        "base-group",
+        ["a"],
+        "n1",
+    )
+    assert (override.project, override.group, override.tags, override.notes) == (
+        "other",
+        "g2",
+        ["b"],
+        "n1",
+    )
+
+
+def test_w_and_b_settings_set_on_the_driver_after_ray_started_reach_trials(
+    sweep, monkeypatch
+):
+    # The workers were started before these were set: they travel with the
+    # trainable, as Ray's callback forwards them to its logging actors.
+    monkeypatch.setenv("WANDB_PROJECT", "set-on-the-driver")
+    monkeypatch.setenv("WANDB_GROUP_NAME", "driver-group")
+
+    @wandb_trainable
+    def fn(config):
+        tune.report({"x": 1})
+
+    run = sweep(fn).only_run()
+    assert (run.project, run.group) == ("set-on-the-driver", "driver-group")
+
+
+def test_a_value_w_and_b_rejects_does_not_cost_the_row(sweep):
+    @wandb_trainable(project="rejected")
+    def fn(config):
+        for i in range(3):
+            tune.report({"loss": float(i), "w": np.array([np.nan] + [1.0] * 40)})
+
+    run = sweep(fn).only_run()
+    assert run.column("loss") == [0.0, 1.0, 2.0]
+    assert len(run.column("w")[0]) == 41
+
+
+def test_setup_wandb_inside_a_decorated_trainable_is_the_trials_run(sweep):
+    @wandb_trainable(project="same-run")
+    def fn(config):
+        import wandb
+
+        import wandbtune
+
+        run = wandbtune.setup_wandb(config)
+        tune.report({"same": run is wandb.run, "id_matches": run.id == wandb.run.id})
+
+    out = sweep(fn)
+    assert len(out.runs) == 1
+    row = user_columns(out.only_run().rows[0])
+    assert row["same"] is True and row["id_matches"] is True

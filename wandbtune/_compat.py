@@ -7,6 +7,7 @@ change in Ray breaks this module loudly instead of a trial deep inside.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,6 +28,22 @@ def get_session() -> Any:
     return _session_mod.get_session()
 
 
+logger = logging.getLogger("wandbtune")
+
+
+def world_rank() -> Optional[int]:
+    """This worker's rank in a Ray Train run (V1 or V2), None elsewhere."""
+    session = get_session()
+    if session is not None and session.world_rank is not None:
+        return int(session.world_rank)
+    try:  # Train V2 workers hold their context here instead
+        from ray.train.v2._internal.execution.train_fn_utils import get_train_fn_utils
+
+        return int(get_train_fn_utils().get_context().get_world_rank())
+    except Exception:  # noqa: BLE001 - not a Train V2 worker (or not that Ray)
+        return None
+
+
 def in_tune_function_trial() -> bool:
     """True inside a Tune function trainable (not a Ray Train worker)."""
     session = get_session()
@@ -45,10 +62,21 @@ def in_tune_function_trial() -> bool:
 # instead would break Ray Train trainers launched from a Tune trial.
 
 
-def _forward_report(metrics: Any, checkpoint: Any = None, **_ignored: Any) -> None:
+def _forward_report(metrics: Any, checkpoint: Any = None, **options: Any) -> None:
     import ray.tune
 
+    given = sorted(k for k, v in options.items() if v not in (None, False))
+    if given and not _warned_options.intersection(given):
+        _warned_options.update(given)
+        logger.warning(
+            "wandbtune: ray.train.report(%s=...) is a Ray Train option that Tune's "
+            "report does not have; it is ignored in this Tune trial.",
+            ", ".join(given),
+        )
     ray.tune.report(metrics, checkpoint=checkpoint)
+
+
+_warned_options: set[str] = set()
 
 
 def _forward_get_checkpoint() -> Any:

@@ -144,7 +144,9 @@ def _clean_array(np: Any, arr: Any) -> Any:
         # a batch of videos (N, T, C, H, W); wandb >= 0.31 wants the format
         videos = [wandb.Video(a, format="gif") for a in arr]
         return videos[0] if len(videos) == 1 else videos
-    if arr.dtype.kind in "biufc" and arr.ndim <= 2:
+    if arr.dtype.kind in "biuf" and arr.ndim <= 2:
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            return arr.tolist()  # W&B's histograms reject NaN and inf
         return arr  # W&B turns numeric arrays into histograms or lists
     return _as_text(arr)
 

@@ -34,21 +34,25 @@ def init_kwargs(
     experiment: str | None,
     config: Mapping[str, Any],
     dir: str | None,
+    require_project: bool = True,
 ) -> dict[str, Any]:
     """The arguments for ``wandb.init`` (without the API key)."""
     project = settings.resolved_project()
-    if not project and not settings.init_kwargs.get("mode") == "disabled":
+    if not project and require_project and settings.mode() != "disabled":
         raise ConfigError(
             f"no W&B project for trial {trial_name or trial_id}: pass "
-            "project=... to @wandb_trainable, put it in the trial config as "
-            '"wandb": {"project": ...}, or set WANDB_PROJECT.'
+            "project=... to @wandb_trainable or WandbLoggerCallback, put it in "
+            'the trial config as "wandb": {"project": ...}, or set WANDB_PROJECT.'
         )
     kwargs: dict[str, Any] = {
         "project": project,
-        "group": settings.group or os.environ.get(GROUP_ENV_VAR) or experiment,
+        "group": settings.group or settings.env(GROUP_ENV_VAR) or experiment,
         "config": run_config(config, settings.excludes),
         "allow_val_change": True,
     }
+    for name, var in (("mode", "WANDB_MODE"), ("entity", "WANDB_ENTITY")):
+        if settings.environ.get(var):  # shipped from the driver
+            kwargs[name] = settings.environ[var]
     if trial_id:
         kwargs.update(id=trial_id, resume="allow")
     if trial_name:
@@ -60,7 +64,13 @@ def init_kwargs(
     return kwargs
 
 
-def start_run(settings: Settings, *, exclusive: bool = True, **trial: Any) -> Any:
+def start_run(
+    settings: Settings,
+    *,
+    exclusive: bool = True,
+    require_project: bool = True,
+    **trial: Any,
+) -> Any:
     """``wandb.init`` for one trial; raises ConfigError on bad settings.
 
     ``exclusive``: the run is the process's only one (a trial actor), so a run
@@ -69,7 +79,7 @@ def start_run(settings: Settings, *, exclusive: bool = True, **trial: Any) -> An
     """
     import wandb
 
-    kwargs = init_kwargs(settings, **trial)
+    kwargs = init_kwargs(settings, require_project=require_project, **trial)
     key = None if settings.offline() else settings.read_api_key()
     kwargs["settings"] = _wandb_settings(kwargs.get("settings"), key)
     if not exclusive:
@@ -135,7 +145,12 @@ class TrialRun:
         log_checkpoint(self.run, checkpoint, trial_id=self.run.id, iteration=iteration)
 
     def log_result(self, result: Mapping[str, Any]) -> None:
-        """Log one Tune result as one row; never raises."""
+        """Log one Tune result as one row; never raises.
+
+        If W&B rejects a value, the row is logged again with every value that
+        is not a plain number, bool or string written as text: one strange
+        value never costs the row its other metrics.
+        """
         if self._finished or _compat.RESULT_DUPLICATE in result:
             return
         try:
@@ -146,17 +161,32 @@ class TrialRun:
             )
             if self.settings.log_config and isinstance(result.get("config"), Mapping):
                 config.update(run_config(result["config"], self.settings.excludes))
-            changed = {
-                k: v
-                for k, v in config.items()
-                if k not in self._sent_config or self._sent_config[k] != v
-            }
-            if changed:
-                self.run.config.update(changed, allow_val_change=True)
-                self._sent_config.update(changed)
-            self.run.log(row, step=self._step_for(row.get(TRAINING_ITERATION)))
+            self._update_config(config)
+            step = self._step_for(row.get(TRAINING_ITERATION))
         except Exception as exc:  # noqa: BLE001 - logging never stops training
             self._warn_once("log", f"a result was not logged to W&B: {exc!r}")
+            return
+        try:
+            self.run.log(row, step=step)
+        except Exception as exc:  # noqa: BLE001
+            self._warn_once(
+                "plain",
+                f"W&B rejected a value ({exc!r}); such values are logged as text",
+            )
+            try:
+                self.run.log(_plain(row), step=step)
+            except Exception as exc2:  # noqa: BLE001
+                self._warn_once("log", f"a result was not logged to W&B: {exc2!r}")
+
+    def _update_config(self, config: Mapping[str, Any]) -> None:
+        changed = {
+            k: v
+            for k, v in config.items()
+            if k not in self._sent_config or self._sent_config[k] != v
+        }
+        if changed:
+            self.run.config.update(changed, allow_val_change=True)
+            self._sent_config.update(changed)
 
     def _step_for(self, iteration: Any) -> int | None:
         """W&B's step for a row: Tune's iteration, unless W&B would drop it.
@@ -197,6 +227,11 @@ class TrialRun:
         if what not in self._warned:
             self._warned.add(what)
             logger.warning("wandbtune: %s", message)
+
+
+def _plain(row: Mapping[str, Any]) -> dict[str, Any]:
+    plain = (bool, int, float, str, type(None))
+    return {k: v if isinstance(v, plain) else str(v)[:1000] for k, v in row.items()}
 
 
 def flush_wandb() -> None:

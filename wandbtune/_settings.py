@@ -28,6 +28,16 @@ _MANAGED = ("id", "name", "config", "resume", "reinit")
 PROJECT_ENV_VARS = ("WANDB_PROJECT_NAME", "WANDB_PROJECT")
 GROUP_ENV_VAR = "WANDB_GROUP_NAME"
 
+#: W&B settings users put in the driver's environment, shipped to the trials
+#: with the trainable: a worker started before they were set has not got them.
+#: Never the API key (the pickled trainable may be written to storage), nor
+#: paths, which are node-local.
+SHIPPED_ENV_VARS = (*PROJECT_ENV_VARS, GROUP_ENV_VAR, "WANDB_MODE", "WANDB_ENTITY")
+
+
+def _shipped_environ() -> dict[str, str]:
+    return {k: os.environ[k] for k in SHIPPED_ENV_VARS if os.environ.get(k)}
+
 
 class ConfigError(ValueError):
     """Bad wandbtune settings; the message says how to fix them."""
@@ -45,6 +55,18 @@ class Settings:
     log_config: bool = False
     upload_checkpoints: bool = False
     init_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    #: The driver's SHIPPED_ENV_VARS, captured when the trainable is pickled
+    #: for the workers; they win over the worker's own environment.
+    environ: Mapping[str, str] = field(default_factory=dict)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["environ"] = {**_shipped_environ(), **self.environ}
+        return state
+
+    def env(self, name: str) -> str | None:
+        """An environment setting: the driver's if shipped, else this process's."""
+        return self.environ.get(name) or os.environ.get(name) or None
 
     @classmethod
     def from_arguments(cls, where: str, **kwargs: Any) -> Settings:
@@ -137,13 +159,25 @@ class Settings:
         if self.project:
             return self.project
         for var in PROJECT_ENV_VARS:
-            if os.environ.get(var):
-                return os.environ[var]
+            if self.env(var):
+                return self.env(var)
         return None
 
+    def mode(self) -> str | None:
+        """W&B's mode: ``mode=``, ``settings=...(mode=)``, else WANDB_MODE."""
+        user_settings = self.init_kwargs.get("settings")
+        if isinstance(user_settings, Mapping):
+            from_settings = user_settings.get("mode")
+        else:
+            from_settings = getattr(user_settings, "mode", None)
+            # wandb.Settings has a default mode; only an explicit one counts
+            fields_set = getattr(user_settings, "model_fields_set", ())
+            from_settings = from_settings if "mode" in fields_set else None
+        mode = self.init_kwargs.get("mode") or from_settings or self.env("WANDB_MODE")
+        return str(mode) if mode else None
+
     def offline(self) -> bool:
-        mode = self.init_kwargs.get("mode") or os.environ.get("WANDB_MODE")
-        return mode in ("offline", "dryrun", "disabled")
+        return self.mode() in ("offline", "dryrun", "disabled")
 
     def read_api_key(self) -> str | None:
         """The API key these settings name, if any; never stored anywhere."""

@@ -36,10 +36,15 @@ def setup_wandb(
     """
     import wandb
 
-    session = _compat.get_session()
-    rank = getattr(session, "world_rank", None)
-    if rank_zero_only and rank not in (None, 0):
+    from wandbtune._mixin import active_run
+
+    if rank_zero_only and _compat.world_rank() not in (None, 0):
         return wandb.init(mode="disabled")
+    active = active_run()
+    if active is not None:
+        # Inside @wandb_trainable the trial has its run already: the same one.
+        return active.run
+    session = _compat.get_session()
 
     config = dict(config or {})
     overrides = dict(wandb_init_kwargs)
@@ -64,6 +69,7 @@ def setup_wandb(
     info = getattr(session, "trial_info", None)
     return start_run(
         settings,
+        require_project=False,  # as Ray's: W&B's default project
         trial_id=getattr(info, "id", None),
         trial_name=getattr(info, "name", None),
         experiment=getattr(info, "experiment_name", None),

@@ -103,6 +103,9 @@ class RunFile:
     name: str = ""
     group: str = ""
     project: str = ""
+    entity: str = ""
+    tags: list[str] = field(default_factory=list)
+    notes: str = ""
     resumed: bool = False
     config: dict[str, Any] = field(default_factory=dict)
     rows: list[dict[str, Any]] = field(default_factory=list)
@@ -130,6 +133,7 @@ def read_run(path: str | os.PathLike[str]) -> RunFile:
             r = record.run
             run.run_id, run.name, run.group = r.run_id, r.display_name, r.run_group
             run.project, run.resumed = r.project, r.resumed
+            run.entity, run.tags, run.notes = r.entity, list(r.tags), r.notes
             run.config.update(_config(r.config.update))
         elif kind == "config":
             run.config.update(_config(record.config.update))
