@@ -290,3 +290,16 @@ def test_interrupting_fit_finishes_and_flushes_every_run(tmp_path, how):
         assert iterations[:recorded] == list(range(1, recorded + 1))
         extra = (0, 1) if how == "decorator" else (0,)
         assert len(iterations) - recorded in extra
+
+
+def test_the_callback_tunes_on_when_w_and_b_is_unreachable(sweep):
+    from tests.test_lifecycle import UNREACHABLE
+
+    def fn(config):
+        for i in range(3):
+            tune.report({"i": i})
+
+    out = sweep(fn, callbacks=[WandbLoggerCallback(project="outage", **UNREACHABLE)])
+    (result,) = out.results
+    assert result.error is None and tune_iterations(result) == [1, 2, 3]
+    assert all(run.rows == [] for run in out.runs.values())

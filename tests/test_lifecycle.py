@@ -112,3 +112,36 @@ def test_a_trial_stopped_while_its_function_blocks_is_flushed(sweep):
     run = out.only_run()
     assert run.column("i") == [0, 1]
     assert run.finished
+
+
+UNREACHABLE = {
+    # Online, against a closed port on this machine, with a fake key: W&B
+    # cannot start a run. (W&B's servers are the one thing not run here.)
+    "mode": "online",
+    "api_key": "f" * 40,
+    "settings": {"base_url": "http://127.0.0.1:9", "init_timeout": 3},
+}
+
+
+def test_when_w_and_b_is_unreachable_training_goes_on_without_it(sweep):
+    @wandb_trainable(project="outage", **UNREACHABLE)
+    def fn(config):
+        for i in range(3):
+            tune.report({"i": i})
+
+    out = sweep(fn, {"n": tune.grid_search([0, 1])})
+    for result in out.results:
+        assert result.error is None
+        assert tune_iterations(result) == [1, 2, 3]
+    # W&B leaves the aborted run's (empty) local log behind; nothing was logged
+    assert all(run.rows == [] for run in out.runs.values())
+
+
+def test_strict_fails_the_trial_when_w_and_b_is_unreachable(sweep):
+    @wandb_trainable(project="outage", strict=True, **UNREACHABLE)
+    def fn(config):
+        tune.report({"i": 0})
+
+    (result,) = sweep(fn).results
+    assert result.error is not None
+    assert "127.0.0.1:9" in str(result.error)

@@ -32,6 +32,7 @@ def wandb_trainable(
     excludes: Optional[Sequence[str]] = None,
     log_config: bool = False,
     upload_checkpoints: bool = False,
+    strict: bool = False,
     **wandb_init_kwargs: Any,
 ) -> Callable[[F], F]: ...
 
@@ -47,6 +48,7 @@ def wandb_trainable(
     excludes: Optional[Sequence[str]] = None,
     log_config: bool = False,
     upload_checkpoints: bool = False,
+    strict: bool = False,
     **wandb_init_kwargs: Any,
 ) -> Any:
     """Log every trial of a Ray Tune trainable as one W&B run.
@@ -54,7 +56,9 @@ def wandb_trainable(
     Use bare (``@wandb_trainable``) or with the arguments of Ray's
     ``WandbLoggerCallback``: ``project``, ``group``, ``api_key_file``,
     ``api_key``, ``excludes``, ``log_config``, ``upload_checkpoints``; any other
-    keyword goes to ``wandb.init``. A ``"wandb"`` dict in a trial's config
+    keyword goes to ``wandb.init``. If W&B cannot start a trial's run (an
+    outage, a bad key), the trial trains on without W&B after one warning;
+    ``strict=True`` fails the trial instead. A ``"wandb"`` dict in a trial's config
     overrides these for that trial and is never logged as config.
 
     Each trial gets a run with id = trial id, name = trial name, group =
@@ -76,6 +80,7 @@ def wandb_trainable(
         excludes=() if excludes is None else excludes,
         log_config=log_config,
         upload_checkpoints=upload_checkpoints,
+        strict=strict,
         **wandb_init_kwargs,
     )
     settings.check_init_kwargs("@wandb_trainable")
@@ -149,7 +154,7 @@ def _trial_scope(fn: Callable[..., Any]) -> Iterator[None]:
     if not _compat.in_tune_function_trial():
         yield  # called outside Tune (a unit test, a debugger): run it as is
         return
-    if _mixin.active_run() is None:
+    if not _mixin.instrumented():
         raise RuntimeError(
             f"@wandb_trainable on {_name(fn)} is not active in this trial: "
             "something between the decorator and Tune dropped the function's "

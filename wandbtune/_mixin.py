@@ -15,11 +15,13 @@ import threading
 from typing import Any, ClassVar, Optional
 
 from wandbtune import _compat
-from wandbtune._run import TrialRun
+from wandbtune._run import TrialRun, flush_wandb, start_or_warn
 from wandbtune._settings import Settings
 
-# One trial runs in a Tune actor at a time; this is its run (or None).
+# One trial runs in a Tune actor at a time; this is its run (None if W&B could
+# not start one), and whether the mixin is set up for it.
 _active: Optional[TrialRun] = None
+_instrumented = False
 _active_lock = threading.Lock()
 
 #: How long cleanup waits for a stopped trial's function to unwind.
@@ -29,6 +31,12 @@ _THREAD_JOIN_S = 2.0
 def active_run() -> Optional[TrialRun]:
     """The W&B run of the trial running in this process, if instrumented."""
     return _active
+
+
+def instrumented() -> bool:
+    """True while a decorated trial is set up in this process (even if W&B
+    logging is off for it)."""
+    return _instrumented
 
 
 class WandbTrainableMixin:
@@ -90,10 +98,10 @@ class WandbTrainableMixin:
         return ok
 
     def _wandbtune_start(self, config: dict[str, Any]) -> None:
-        global _active
+        global _active, _instrumented
         settings = self._wandbtune_settings.merged(config)
         storage = _compat.trainable_storage(self)
-        run = TrialRun.start(
+        run = start_or_warn(
             settings,
             trial_id=getattr(self, "trial_id", None),
             trial_name=getattr(self, "trial_name", None),
@@ -103,15 +111,21 @@ class WandbTrainableMixin:
         )
         with _active_lock:
             self._wandbtune_run = _active = run
+            _instrumented = True
 
     def _wandbtune_end(self, *, failed: bool, flush: bool) -> None:
-        global _active
+        global _active, _instrumented
         with _active_lock:
             run, self._wandbtune_run = self._wandbtune_run, None
             if _active is run:
                 _active = None
+            _instrumented = False
         if run is not None:
             run.finish(failed=failed, flush=flush)
+        elif flush:
+            # The run was finished earlier (e.g. by a reset_config that could
+            # not reuse this actor): still make sure it is written.
+            flush_wandb()
 
 
 def mixin_for(settings: Settings) -> type:

@@ -94,21 +94,52 @@ def start_run(
         raise ConfigError(f"wandb.init rejected the arguments: {exc}") from exc
 
 
+#: How long a trial waits for W&B to start its run before training on without
+#: it (W&B's own default is 90 s, for every trial).
+INIT_TIMEOUT_S = 15.0
+
+
 def _wandb_settings(user: Any, api_key: str | None) -> Any:
     """The user's ``wandb.Settings`` (or dict), else quiet ones, with the key.
 
     Quiet by default: a sweep of many trials would otherwise print W&B's
     banner and run summary for every trial into the driver's output. The key
-    travels in the settings object, not the environment or a file.
+    travels in the settings object, not the environment or a file. Unless the
+    user chose one, W&B gets INIT_TIMEOUT_S to start a run.
     """
     import wandb
 
     extra: dict[str, Any] = {"api_key": api_key} if api_key else {}
+    extra_timeout: dict[str, Any] = {}
+    if "WANDB_INIT_TIMEOUT" not in os.environ:
+        extra_timeout["init_timeout"] = INIT_TIMEOUT_S
     if user is None:
-        return wandb.Settings(quiet=True, **extra)
+        return wandb.Settings(quiet=True, **extra_timeout, **extra)
     if isinstance(user, Mapping):
-        return wandb.Settings(**{**user, **extra})
+        return wandb.Settings(**{**extra_timeout, **user, **extra})
+    if "init_timeout" not in user.model_fields_set:
+        extra = {**extra_timeout, **extra}
     return user.model_copy(update=extra) if extra else user
+
+
+def start_or_warn(settings: Settings, **trial: Any) -> TrialRun | None:
+    """Start a trial's run; if W&B cannot, warn once and return None (or raise
+    when ``strict``). Bad settings (ConfigError) always raise."""
+    try:
+        return TrialRun.start(settings, **trial)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a W&B outage never stops training
+        if settings.strict:
+            raise
+        logger.warning(
+            "wandbtune: W&B logging is off for trial %s: W&B could not start a "
+            "run (%s). Training goes on; pass strict=True to fail the trial "
+            "instead.",
+            trial.get("trial_name") or trial.get("trial_id"),
+            f"{type(exc).__name__}: {exc}".splitlines()[0][:300],
+        )
+        return None
 
 
 class TrialRun:

@@ -20,6 +20,7 @@ _OWN = (
     "excludes",
     "log_config",
     "upload_checkpoints",
+    "strict",
 )
 
 #: ``wandb.init`` arguments that wandbtune sets itself, per trial.
@@ -54,6 +55,9 @@ class Settings:
     excludes: tuple[str, ...] = ()
     log_config: bool = False
     upload_checkpoints: bool = False
+    #: Fail the trial when W&B cannot start a run (default: log a warning and
+    #: train on without W&B for that trial).
+    strict: bool = False
     init_kwargs: Mapping[str, Any] = field(default_factory=dict)
     #: The driver's SHIPPED_ENV_VARS, captured when the trainable is pickled
     #: for the workers; they win over the worker's own environment.
@@ -97,7 +101,7 @@ class Settings:
                 f"{where}: excludes must be a list of metric names (strings), "
                 f"e.g. excludes=['debug'], got {excludes!r}."
             )
-        for key in ("log_config", "upload_checkpoints"):
+        for key in ("log_config", "upload_checkpoints", "strict"):
             if key in own and not isinstance(own[key], bool):
                 raise ConfigError(
                     f"{where}: {key} must be True or False, got {own[key]!r}."
@@ -111,6 +115,7 @@ class Settings:
             excludes=tuple(excludes),
             log_config=own.get("log_config", False),
             upload_checkpoints=own.get("upload_checkpoints", False),
+            strict=own.get("strict", False),
             init_kwargs=dict(kwargs),
         )
 
@@ -150,8 +155,9 @@ class Settings:
         if unknown:
             raise TypeError(
                 f"{where}: unknown argument(s) {', '.join(unknown)}. Other than "
-                "project, group, api_key_file, api_key, excludes, log_config and "
-                "upload_checkpoints, arguments go to wandb.init, which takes: "
+                "project, group, api_key_file, api_key, excludes, log_config, "
+                "upload_checkpoints and strict, arguments go to wandb.init, which "
+                "takes: "
                 f"{', '.join(sorted(accepted))}."
             )
 

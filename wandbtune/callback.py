@@ -13,8 +13,8 @@ from ray.tune.logger import LoggerCallback
 
 from wandbtune import _compat
 from wandbtune._mixin import WandbTrainableMixin
-from wandbtune._run import TrialRun, flush_wandb
-from wandbtune._settings import ConfigError, Settings
+from wandbtune._run import TrialRun, flush_wandb, start_or_warn
+from wandbtune._settings import Settings
 
 __all__ = ["WandbLoggerCallback"]
 
@@ -45,6 +45,7 @@ class WandbLoggerCallback(LoggerCallback):  # type: ignore[misc]
         excludes: Optional[Sequence[str]] = None,
         log_config: bool = False,
         upload_checkpoints: bool = False,
+        strict: bool = False,
         **wandb_init_kwargs: Any,
     ) -> None:
         self._settings = Settings.from_arguments(
@@ -56,6 +57,7 @@ class WandbLoggerCallback(LoggerCallback):  # type: ignore[misc]
             excludes=() if excludes is None else excludes,
             log_config=log_config,
             upload_checkpoints=upload_checkpoints,
+            strict=strict,
             **wandb_init_kwargs,
         )
         self._settings.check_init_kwargs("WandbLoggerCallback")
@@ -84,21 +86,20 @@ class WandbLoggerCallback(LoggerCallback):  # type: ignore[misc]
             return
         settings = self._settings.merged(trial.config)
         storage = getattr(trial, "storage", None)
-        try:
-            self._runs[trial_id] = TrialRun.start(
-                settings,
-                exclusive=False,
-                trial_id=trial_id,
-                trial_name=str(trial),
-                experiment=_compat.experiment_name(storage),
-                config=trial.config,
-                dir=_compat.storage_trial_dir(storage),
-            )
-        except ConfigError:
-            raise  # the user's settings: stop here, before every trial fails
-        except Exception as exc:  # noqa: BLE001 - W&B trouble never stops tuning
+        # Bad settings raise here, on the driver, before every trial fails.
+        run = start_or_warn(
+            settings,
+            exclusive=False,
+            trial_id=trial_id,
+            trial_name=str(trial),
+            experiment=_compat.experiment_name(storage),
+            config=trial.config,
+            dir=_compat.storage_trial_dir(storage),
+        )
+        if run is None:
             self._skipped.add(trial_id)
-            logger.warning("wandbtune: W&B logging is off for %s: %r", trial, exc)
+        else:
+            self._runs[trial_id] = run
 
     def log_trial_result(
         self, iteration: int, trial: Any, result: dict[str, Any]
