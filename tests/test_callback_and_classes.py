@@ -74,13 +74,16 @@ def test_decorator_and_callback_give_the_same_rows_and_config(sweep, tmp_path):
     assert decorated.exit_code == callback.exit_code == 0
 
 
+def _class_trainable(how):
+    """The Counter class logged by the callback or by the class decorator."""
+    if how == "callback":
+        return Counter, {"callbacks": [WandbLoggerCallback(project="classes")]}
+    return DecoratedCounter, {}
+
+
 @pytest.mark.parametrize("how", ["callback", "decorator"])
 def test_class_trainables_completed_failed_and_stopped(sweep, how):
-    kwargs = {}
-    trainable = DecoratedCounter
-    if how == "callback":
-        trainable = Counter
-        kwargs["callbacks"] = [WandbLoggerCallback(project="classes")]
+    trainable, kwargs = _class_trainable(how)
     out = sweep(
         trainable,
         {"fail_at": tune.grid_search([0, 3])},
@@ -97,11 +100,7 @@ def test_class_trainables_completed_failed_and_stopped(sweep, how):
 
 @pytest.mark.parametrize("how", ["callback", "decorator"])
 def test_early_stopped_class_trials_finish_cleanly(sweep, how):
-    kwargs = {}
-    trainable = DecoratedCounter
-    if how == "callback":
-        trainable = Counter
-        kwargs["callbacks"] = [WandbLoggerCallback(project="classes")]
+    trainable, kwargs = _class_trainable(how)
     out = sweep(
         trainable,
         {"fail_at": 0, "rank": tune.grid_search([2, 1])},
