@@ -36,6 +36,7 @@ def run_sweep(
     callbacks: list[Any] | None = None,
     stop: Any = None,
     failure_config: Any = None,
+    checkpoint_config: Any = None,
 ) -> SweepOutcome:
     storage = tmp_path / "results"
     tuner = tune.Tuner(
@@ -48,6 +49,7 @@ def run_sweep(
             callbacks=callbacks,
             stop=stop,
             failure_config=failure_config,
+            checkpoint_config=checkpoint_config,
             verbose=0,
         ),
     )

@@ -75,10 +75,45 @@ def test_decorator_and_callback_give_the_same_rows_and_config(sweep, tmp_path):
 
 
 def _class_trainable(how):
-    """The Counter class logged by the callback or by the class decorator."""
+    """The Counter class logged by the callback or by the class decorator
+    (both with upload_checkpoints=True)."""
     if how == "callback":
-        return Counter, {"callbacks": [WandbLoggerCallback(project="classes")]}
+        callback = WandbLoggerCallback(project="classes", upload_checkpoints=True)
+        return Counter, {"callbacks": [callback]}
     return DecoratedCounter, {}
+
+
+@pytest.mark.parametrize("how", ["callback", "decorator"])
+def test_class_trainable_checkpoints_become_artifacts(sweep, how):
+    trainable, kwargs = _class_trainable(how)
+    out = sweep(
+        trainable,
+        stop={"training_iteration": 4},
+        checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=2),
+        **kwargs,
+    )
+    arts = _artifacts(out.only_run())
+    assert [a[0] for a in arts] == ["model", "model"]
+    assert [
+        '"training_iteration":2' in arts[0][2],
+        '"training_iteration":4' in arts[1][2],
+    ] == [True, True]
+    assert all(a[3] == [("state.txt", "")] for a in arts)
+
+
+@pytest.mark.parametrize("how", ["callback", "decorator"])
+def test_a_class_trial_failing_outside_step_is_marked_failed(sweep, how):
+    trainable, kwargs = _class_trainable(how)
+    out = sweep(
+        trainable,
+        {"fail_save": True},
+        stop={"training_iteration": 3},
+        checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=1),
+        **kwargs,
+    )
+    (result,) = out.results
+    assert "disk full while saving" in str(result.error)
+    assert out.only_run().exit_code == 1
 
 
 @pytest.mark.parametrize("how", ["callback", "decorator"])
@@ -291,14 +326,45 @@ def test_interrupting_fit_finishes_and_flushes_every_run(tmp_path, how):
         assert len(iterations) - recorded in extra
 
 
-def test_the_callback_tunes_on_when_w_and_b_is_unreachable(sweep):
+def test_the_callback_tunes_on_when_w_and_b_is_unreachable(sweep, caplog):
     from tests.test_lifecycle import UNREACHABLE
 
     def fn(config):
         for i in range(3):
             tune.report({"i": i})
 
-    out = sweep(fn, callbacks=[WandbLoggerCallback(project="outage", **UNREACHABLE)])
+    with caplog.at_level("WARNING", logger="wandbtune"):
+        out = sweep(
+            fn, callbacks=[WandbLoggerCallback(project="outage", **UNREACHABLE)]
+        )
     (result,) = out.results
     assert result.error is None and tune_iterations(result) == [1, 2, 3]
     assert all(run.rows == [] for run in out.runs.values())
+    (warning,) = [r for r in caplog.records if "logging is off" in r.getMessage()]
+    assert "strict=True" in warning.getMessage()
+
+
+def test_with_the_callback_strict_stops_the_experiment(sweep):
+    from tests.test_lifecycle import UNREACHABLE
+
+    def fn(config):
+        tune.report({"i": 0})
+
+    callback = WandbLoggerCallback(project="outage", strict=True, **UNREACHABLE)
+    with pytest.raises(Exception, match="127.0.0.1:9"):
+        sweep(fn, callbacks=[callback])
+
+
+def test_the_callback_leaves_the_users_own_driver_runs_open(sweep, tmp_path):
+    import wandb
+
+    mine = wandb.init(project="mine", dir=str(tmp_path), reinit="create_new")
+    try:
+        out = sweep(
+            lambda config: tune.report({"x": 1}),
+            callbacks=[WandbLoggerCallback(project="beside")],
+        )
+        assert out.only_run().exit_code == 0  # complete when fit() returned
+        mine.log({"still": 1})  # the user's run was not shut down
+    finally:
+        mine.finish()

@@ -21,6 +21,8 @@ class Counter(tune.Trainable):
         return {"a": self.i - 1, "n": {"x": self.i * 10}, "score": score}
 
     def save_checkpoint(self, checkpoint_dir):
+        if self.config.get("fail_save"):
+            raise OSError("disk full while saving")
         with open(f"{checkpoint_dir}/state.txt", "w") as fh:
             fh.write(str(self.i))
 

@@ -14,7 +14,7 @@ from typing import Any, Optional
 logger = logging.getLogger("wandbtune")
 
 # pyarrow filesystem type names -> URI schemes W&B references understand
-_SCHEMES = {"s3": "s3", "gcs": "gs", "hdfs": "hdfs", "abfs": "az"}
+_SCHEMES = {"s3": "s3", "gcs": "gs", "hdfs": "hdfs"}
 
 
 def checkpoint_uri(filesystem: Any, path: str) -> Optional[str]:

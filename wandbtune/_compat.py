@@ -197,3 +197,16 @@ def training_thread() -> Optional[threading.Thread]:
         return None
     thread = getattr(session, "training_thread", None)
     return thread if isinstance(thread, threading.Thread) else None
+
+
+def wandb_open_runs() -> Optional[int]:
+    """How many W&B runs are open in this process (None if unknown).
+
+    ``wandb.run`` misses runs made with ``reinit="create_new"``; W&B's setup
+    singleton tracks them all.
+    """
+    import sys
+
+    setup = getattr(sys.modules.get("wandb.sdk.wandb_setup"), "_singleton", None)
+    runs = getattr(setup, "_active_runs", None)
+    return len(runs) if isinstance(runs, list) else None

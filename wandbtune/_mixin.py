@@ -12,6 +12,8 @@ scheduler stops a trial while its function is blocked in ``report``.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar, Optional
 
 from wandbtune import _compat
@@ -50,12 +52,8 @@ class WandbTrainableMixin:
         self._wandbtune_start(config)
 
     def train(self) -> dict[str, Any]:
-        try:
+        with self._wandbtune_failing():
             result: dict[str, Any] = super().train()  # type: ignore[misc]
-        except BaseException:
-            if self._wandbtune_run is not None:
-                self._wandbtune_run.failed = True
-            raise
         if self._wandbtune_run is not None:
             self._wandbtune_run.log_result(result)
         return result
@@ -63,13 +61,28 @@ class WandbTrainableMixin:
     def save(self, *args: Any, **kwargs: Any) -> Any:
         # Tune persists a checkpoint through save() for function and class
         # trainables alike; the result holds it and its training_iteration.
-        saved = super().save(*args, **kwargs)  # type: ignore[misc]
+        with self._wandbtune_failing():
+            saved = super().save(*args, **kwargs)  # type: ignore[misc]
         if self._wandbtune_run is not None:
             metrics = getattr(saved, "metrics", None) or {}
             self._wandbtune_run.log_checkpoint(
                 getattr(saved, "checkpoint", None), metrics.get("training_iteration")
             )
         return saved
+
+    def restore(self, *args: Any, **kwargs: Any) -> Any:
+        with self._wandbtune_failing():
+            return super().restore(*args, **kwargs)  # type: ignore[misc]
+
+    @contextmanager
+    def _wandbtune_failing(self) -> Iterator[None]:
+        """An exception here fails the trial in Tune: mark the run failed."""
+        try:
+            yield
+        except BaseException:
+            if self._wandbtune_run is not None:
+                self._wandbtune_run.failed = True
+            raise
 
     def cleanup(self) -> None:
         thread = _compat.training_thread()

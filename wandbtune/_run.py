@@ -97,6 +97,9 @@ def start_run(
 #: How long a trial waits for W&B to start its run before training on without
 #: it (W&B's own default is 90 s, for every trial).
 INIT_TIMEOUT_S = 15.0
+#: How long finishing a run waits for uploads (W&B's default: forever). What is
+#: not uploaded by then stays on disk for ``wandb sync``.
+FINISH_TIMEOUT_S = 120.0
 
 
 def _wandb_settings(user: Any, api_key: str | None) -> Any:
@@ -113,12 +116,14 @@ def _wandb_settings(user: Any, api_key: str | None) -> Any:
     extra_timeout: dict[str, Any] = {}
     if "WANDB_INIT_TIMEOUT" not in os.environ:
         extra_timeout["init_timeout"] = INIT_TIMEOUT_S
+    if "WANDB_FINISH_TIMEOUT" not in os.environ:
+        extra_timeout["finish_timeout"] = FINISH_TIMEOUT_S
     if user is None:
         return wandb.Settings(quiet=True, **extra_timeout, **extra)
     if isinstance(user, Mapping):
         return wandb.Settings(**{**extra_timeout, **user, **extra})
-    if "init_timeout" not in user.model_fields_set:
-        extra = {**extra_timeout, **extra}
+    unset = {k: v for k, v in extra_timeout.items() if k not in user.model_fields_set}
+    extra = {**unset, **extra}
     return user.model_copy(update=extra) if extra else user
 
 

@@ -36,6 +36,19 @@ GROUP_ENV_VAR = "WANDB_GROUP_NAME"
 SHIPPED_ENV_VARS = (*PROJECT_ENV_VARS, GROUP_ENV_VAR, "WANDB_MODE", "WANDB_ENTITY")
 
 
+def _pop_settings_key(kwargs: dict[str, Any]) -> Any:
+    """Take an API key out of a ``settings=`` argument, so that it is handled
+    (and kept out of pickles) like ``api_key=``."""
+    user = kwargs.get("settings")
+    if isinstance(user, Mapping) and user.get("api_key"):
+        kwargs["settings"] = {k: v for k, v in user.items() if k != "api_key"}
+        return user["api_key"]
+    if user is not None and getattr(user, "api_key", None):
+        kwargs["settings"] = user.model_copy(update={"api_key": None})
+        return user.api_key
+    return None
+
+
 def _shipped_environ() -> dict[str, str]:
     return {k: os.environ[k] for k in SHIPPED_ENV_VARS if os.environ.get(k)}
 
@@ -63,9 +76,14 @@ class Settings:
     #: for the workers; they win over the worker's own environment.
     environ: Mapping[str, str] = field(default_factory=dict)
 
+    #: Capture the environment when pickled (False for the callback, which
+    #: runs in the driver and is pickled only into the experiment's state).
+    ship_environ: bool = True
+
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["environ"] = {**_shipped_environ(), **self.environ}
+        if self.ship_environ:
+            state["environ"] = {**_shipped_environ(), **self.environ}
         return state
 
     def env(self, name: str) -> str | None:
@@ -107,6 +125,11 @@ class Settings:
                     f"{where}: {key} must be True or False, got {own[key]!r}."
                 )
         api_key_file = own.get("api_key_file")
+        key_in_settings = _pop_settings_key(kwargs)
+        if key_in_settings:
+            if own.get("api_key") or api_key_file:
+                raise ConfigError(f"{where}: give the API key once, not twice.")
+            own["api_key"] = key_in_settings
         return cls(
             project=own.get("project"),
             group=own.get("group"),

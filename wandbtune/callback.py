@@ -60,6 +60,7 @@ class WandbLoggerCallback(LoggerCallback):  # type: ignore[misc]
             strict=strict,
             **wandb_init_kwargs,
         )
+        self._settings = replace(self._settings, ship_environ=False)
         self._settings.check_init_kwargs("WandbLoggerCallback")
         self._runs: dict[str, TrialRun] = {}
         self._skipped: set[str] = set()
@@ -132,10 +133,10 @@ class WandbLoggerCallback(LoggerCallback):  # type: ignore[misc]
         # holding everything Tune received; Tuner.restore resumes them.
         for trial_id in list(self._runs):
             self._runs.pop(trial_id).finish(failed=False)
-        wandb = sys.modules.get("wandb")
-        if wandb is not None and wandb.run is None:
-            # No other run of the user's is open in this process: wait until
+        if "wandb" in sys.modules and _compat.wandb_open_runs() == 0:
+            # No run of the user's is open in this process either: wait until
             # W&B's service has written everything before fit() returns.
+            # (With one open, shutting the service down would end it too.)
             flush_wandb()
 
 
