@@ -72,6 +72,11 @@ def test_decorator_and_callback_give_the_same_rows_and_config(sweep, tmp_path):
         k: v for k, v in callback.config.items() if k not in identity
     }
     assert decorated.exit_code == callback.exit_code == 0
+    # and both keep what Ray's callback would drop
+    first = comparable(decorated.rows[0])
+    assert first["text"] == "epoch 0" and first["list"] == [0, 1]
+    assert first["np"] == 0.0 and first["nested/deep/x"] == 0
+    assert first["image"]["_type"] == "image-file" and "debug/grad" not in first
 
 
 def _class_trainable(how):
@@ -117,7 +122,7 @@ def test_a_class_trial_failing_outside_step_is_marked_failed(sweep, how):
 
 
 @pytest.mark.parametrize("how", ["callback", "decorator"])
-def test_class_trainables_completed_failed_and_stopped(sweep, how):
+def test_class_trainables_completed_and_failed(sweep, how):
     trainable, kwargs = _class_trainable(how)
     out = sweep(
         trainable,
