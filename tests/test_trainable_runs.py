@@ -9,6 +9,7 @@ from ray import train, tune
 from tests import trainables
 from tests.helpers import tune_iterations, user_columns
 from wandbtune import wandb_trainable
+from wandbtune.testing import find_run_files, read_run
 
 
 def test_each_trial_is_one_run_with_trial_identity_and_config(sweep):
@@ -299,3 +300,16 @@ def test_setup_wandb_inside_a_decorated_trainable_is_the_trials_run(sweep):
     assert len(out.runs) == 1
     row = user_columns(out.only_run().rows[0])
     assert row["same"] is True and row["id_matches"] is True
+
+
+def test_wandb_dir_set_on_the_driver_is_where_runs_go(sweep, monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "chosen"))
+
+    @wandb_trainable(project="dir")
+    def fn(config):
+        tune.report({"x": 1})
+
+    out = sweep(fn)
+    assert out.runs == {}  # not in the experiment storage
+    (path,) = find_run_files(tmp_path / "chosen")
+    assert read_run(path).column("x") == [1]

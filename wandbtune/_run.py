@@ -57,7 +57,8 @@ def init_kwargs(
         kwargs.update(id=trial_id, resume="allow")
     if trial_name:
         kwargs["name"] = trial_name
-    if dir and "dir" not in settings.init_kwargs and not os.environ.get("WANDB_DIR"):
+    dir = settings.env("WANDB_DIR") or dir  # the user's choice wins over ours
+    if dir and "dir" not in settings.init_kwargs:
         os.makedirs(dir, exist_ok=True)
         kwargs["dir"] = dir
     kwargs.update(settings.init_kwargs)

@@ -31,9 +31,15 @@ GROUP_ENV_VAR = "WANDB_GROUP_NAME"
 
 #: W&B settings users put in the driver's environment, shipped to the trials
 #: with the trainable: a worker started before they were set has not got them.
-#: Never the API key (the pickled trainable may be written to storage), nor
-#: paths, which are node-local.
-SHIPPED_ENV_VARS = (*PROJECT_ENV_VARS, GROUP_ENV_VAR, "WANDB_MODE", "WANDB_ENTITY")
+#: Never the API key (the pickled trainable may be written to storage).
+#: WANDB_DIR is created on each node that runs a trial.
+SHIPPED_ENV_VARS = (
+    *PROJECT_ENV_VARS,
+    GROUP_ENV_VAR,
+    "WANDB_MODE",
+    "WANDB_ENTITY",
+    "WANDB_DIR",
+)
 
 
 def _pop_settings_key(kwargs: dict[str, Any]) -> Any:
