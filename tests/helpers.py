@@ -16,6 +16,8 @@ class SweepOutcome:
     results: Any  # tune.ResultGrid
     runs: dict[str, RunFile]  # by W&B run id (= Tune trial id)
     storage: Path
+    #: files of runs whose start W&B aborted (no run record, no id)
+    aborted: list[RunFile]
 
     def run_for(self, result: Any) -> RunFile:
         trial_id = result.metrics.get("trial_id") or Path(result.path).name
@@ -55,11 +57,15 @@ def run_sweep(
     )
     results = tuner.fit()
     runs: dict[str, RunFile] = {}
+    aborted: list[RunFile] = []
     for path in find_run_files(storage / name):
         run = read_run(path)
+        if not run.run_id:
+            aborted.append(run)
+            continue
         assert run.run_id not in runs, f"two run files for {run.run_id}"
         runs[run.run_id] = run
-    return SweepOutcome(results=results, runs=runs, storage=storage)
+    return SweepOutcome(results=results, runs=runs, storage=storage, aborted=aborted)
 
 
 def tune_iterations(result: Any) -> list[int]:

@@ -344,7 +344,7 @@ def test_the_callback_tunes_on_when_w_and_b_is_unreachable(sweep, caplog):
         )
     (result,) = out.results
     assert result.error is None and tune_iterations(result) == [1, 2, 3]
-    assert all(run.rows == [] for run in out.runs.values())
+    assert all(run.rows == [] for run in [*out.runs.values(), *out.aborted])
     (warning,) = [r for r in caplog.records if "logging is off" in r.getMessage()]
     assert "strict=True" in warning.getMessage()
 

@@ -134,7 +134,7 @@ def test_when_w_and_b_is_unreachable_training_goes_on_without_it(sweep):
         assert result.error is None
         assert tune_iterations(result) == [1, 2, 3]
     # W&B leaves the aborted run's (empty) local log behind; nothing was logged
-    assert all(run.rows == [] for run in out.runs.values())
+    assert all(run.rows == [] for run in [*out.runs.values(), *out.aborted])
 
 
 def test_strict_fails_the_trial_when_w_and_b_is_unreachable(sweep):

@@ -26,8 +26,9 @@ _active: Optional[TrialRun] = None
 _instrumented = False
 _active_lock = threading.Lock()
 
-#: How long cleanup waits for a stopped trial's function to unwind.
-_THREAD_JOIN_S = 2.0
+#: How long cleanup waits for a stopped trial's function to unwind (Tune kills
+#: actors that take more than 5 s to stop at the end of an experiment).
+_THREAD_JOIN_S = 0.5
 
 
 def active_run() -> Optional[TrialRun]:
@@ -52,10 +53,19 @@ class WandbTrainableMixin:
         self._wandbtune_start(config)
 
     def train(self) -> dict[str, Any]:
-        with self._wandbtune_failing():
+        try:
             result: dict[str, Any] = super().train()  # type: ignore[misc]
+        except BaseException:
+            # The trial is over: finish and flush now, before Tune hears of
+            # it. At the end of an experiment Tune gives stopping actors 5 s
+            # before it kills them, which a loaded machine can exceed.
+            self._wandbtune_end(failed=True, flush=True)
+            raise
         if self._wandbtune_run is not None:
             self._wandbtune_run.log_result(result)
+            if _compat.RESULT_DUPLICATE in result:
+                # The function returned: its last result was the one before.
+                self._wandbtune_end(failed=False, flush=True)
         return result
 
     def save(self, *args: Any, **kwargs: Any) -> Any:
