@@ -39,7 +39,15 @@ import time
 import traceback
 from typing import Any
 
-VARIANTS = ["bare", "decorator", "wandbtune-callback", "ray-callback", "ray-setup_wandb"]
+SCRIPT = os.path.abspath(__file__)
+START_DIR = os.getcwd()
+VARIANTS = [
+    "bare",
+    "decorator",
+    "wandbtune-callback",
+    "ray-callback",
+    "ray-setup_wandb",
+]
 W_AND_B_VARIANTS = VARIANTS[1:]
 DEFAULT_SHAPES = ["8x200", "1x3000"]
 LARGE_SHAPE = "64x50"
@@ -67,13 +75,29 @@ def _classify(proc: Any) -> str | None:
         return "wandb"
     if first.startswith("ray::") and not first.startswith(RAY_AGENTS):
         return "worker"  # ray::IDLE, ray::ImplicitFunc, ray::_WandbLoggingActor...
-    if "default_worker.py" in " ".join(cmd):
+    if any(os.path.basename(c) == "default_worker.py" for c in cmd[:3]):
         return "worker"  # a worker before it set its title
     return None
 
 
+def _psutil() -> Any:
+    """psutil: installed, or the copy Ray ships in ray/thirdparty_files."""
+    try:
+        import psutil
+    except ImportError:
+        import importlib.util
+
+        spec = importlib.util.find_spec("ray")
+        assert spec is not None and spec.submodule_search_locations
+        sys.path.append(
+            os.path.join(list(spec.submodule_search_locations)[0], "thirdparty_files")
+        )
+        import psutil
+    return psutil
+
+
 def _descendants(root: int) -> list[Any]:
-    import psutil
+    psutil = _psutil()
 
     me = os.getpid()
     try:
@@ -132,9 +156,17 @@ def sampler_main(root: int, interval: float) -> None:
 class Sampler:
     def __init__(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--_sample", str(os.getpid()),
-             "--_interval", str(SAMPLE_INTERVAL_S)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                SCRIPT,
+                "--_sample",
+                str(os.getpid()),
+                "--_interval",
+                str(SAMPLE_INTERVAL_S),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         line = self.proc.stdout.readline()  # type: ignore[union-attr]
         if line.strip() != "ready":
@@ -233,7 +265,10 @@ def actor_table() -> dict[str, str]:
     install does not serve; ``ray._private.state.actors()`` asks the GCS."""
     import ray._private.state
 
-    return {aid: a.get("ActorClassName", "?") for aid, a in ray._private.state.actors().items()}
+    return {
+        aid: a.get("ActorClassName", "?")
+        for aid, a in ray._private.state.actors().items()
+    }
 
 
 def session_dir() -> str:
@@ -249,12 +284,17 @@ def search_roots(storage: str, name: str) -> dict[str, list[str]]:
         "storage_path": [os.path.join(storage, name)],
         "driver_artifacts": [os.path.join(a, "driver_artifacts") for a in artifacts],
         "working_dirs": [os.path.join(a, "working_dirs") for a in artifacts],
-        "other": [os.path.join(os.getcwd(), "wandb"),
-                  os.path.expanduser(os.path.join("~", "ray_results", name))],
+        "other": [
+            os.path.join(START_DIR, "wandb"),
+            os.path.join(os.getcwd(), "wandb"),
+            os.path.expanduser(os.path.join("~", "ray_results", name)),
+        ],
     }
 
 
-def check_runs(storage: str, name: str, trial_ids: list[str], reports: int) -> dict[str, Any]:
+def check_runs(
+    storage: str, name: str, trial_ids: list[str], reports: int
+) -> dict[str, Any]:
     """Read every offline run of the sweep and judge it.
 
     A run is complete when its rows hold every reported ``step`` 0..n-1 and it
@@ -278,27 +318,44 @@ def check_runs(storage: str, name: str, trial_ids: list[str], reports: int) -> d
                 if run.run_id not in wanted:
                     continue
                 steps = set(run.column("step"))
-                missing = len(set(range(reports)) - steps)
-                copies[run.run_id].append({
-                    "place": place,
-                    "rows": len(run.rows),
-                    "missing_rows": missing,
-                    "exit_code": run.exit_code,
-                    "complete": missing == 0 and run.exit_code is not None,
-                })
+                gone = sorted(set(range(reports)) - steps)
+                missing = len(gone)
+                copies[run.run_id].append(
+                    {
+                        "place": place,
+                        "path": path,
+                        "rows": len(run.rows),
+                        "missing_rows": missing,
+                        "missing_steps": _ranges(gone),
+                        "exit_code": run.exit_code,
+                        "complete": missing == 0 and run.exit_code is not None,
+                    }
+                )
 
     def judge(pick: list[dict[str, Any]] | None) -> tuple[int, int, int]:
         if not pick:
             return 0, reports, 1  # no run: every row missing, no exit
-        best = min(pick, key=lambda c: (not c["complete"], c["missing_rows"],
-                                        c["exit_code"] is None))
-        return int(best["complete"]), best["missing_rows"], int(best["exit_code"] is None)
+        best = min(
+            pick,
+            key=lambda c: (
+                not c["complete"],
+                c["missing_rows"],
+                c["exit_code"] is None,
+            ),
+        )
+        return (
+            int(best["complete"]),
+            best["missing_rows"],
+            int(best["exit_code"] is None),
+        )
 
     out: dict[str, Any] = {"runs_expected": len(wanted), "read_errors": read_errors}
     for label, filt in (("", None), ("storage_", "storage_path")):
         found = complete = missing_rows = no_exit = 0
         for tid in wanted:
-            pick = [c for c in copies.get(tid, []) if filt is None or c["place"] == filt]
+            pick = [
+                c for c in copies.get(tid, []) if filt is None or c["place"] == filt
+            ]
             found += bool(pick)
             c, m, e = judge(pick)
             complete += c
@@ -308,28 +365,65 @@ def check_runs(storage: str, name: str, trial_ids: list[str], reports: int) -> d
         out[label + "runs_complete"] = complete
         out[label + "missing_rows"] = missing_rows
         out[label + "runs_without_exit"] = no_exit
-    out["places"] = dict(collections.Counter(
-        c["place"] for cs in copies.values() for c in cs))
-    out["exit_codes"] = dict(collections.Counter(
-        str(c["exit_code"]) for cs in copies.values() for c in cs))
+    out["places"] = dict(
+        collections.Counter(c["place"] for cs in copies.values() for c in cs)
+    )
+    out["exit_codes"] = dict(
+        collections.Counter(str(c["exit_code"]) for cs in copies.values() for c in cs)
+    )
     out["copies_per_run"] = max((len(cs) for cs in copies.values()), default=0)
+    # Trials with no complete copy anywhere, with every copy found.
+    out["incomplete"] = [
+        {
+            "trial_id": tid,
+            "copies": [
+                {k: v for k, v in c.items() if k != "path"} for c in copies.get(tid, [])
+            ],
+        }
+        for tid in sorted(wanted)
+        if not any(c["complete"] for c in copies.get(tid, []))
+    ]
     return out
 
 
-def run_sweep(variant: str, trials: int, reports: int, reuse: bool, storage: str,
-              name: str, check: bool = True) -> dict[str, Any]:
+def _ranges(values: list[int]) -> str:
+    """[1, 2, 3, 7] -> '1-3, 7'."""
+    parts: list[str] = []
+    for v in values:
+        if parts and int(parts[-1].rsplit("-", 1)[-1]) == v - 1:
+            parts[-1] = parts[-1].split("-")[0] + f"-{v}"
+        else:
+            parts.append(str(v))
+    return ", ".join(parts)
+
+
+def run_sweep(
+    variant: str,
+    trials: int,
+    reports: int,
+    reuse: bool,
+    storage: str,
+    name: str,
+    check: bool = True,
+) -> dict[str, Any]:
     from ray import tune
 
-    rec: dict[str, Any] = {"variant": variant, "trials": trials, "reports": reports,
-                           "reuse": reuse, "name": name}
+    rec: dict[str, Any] = {
+        "variant": variant,
+        "trials": trials,
+        "reports": reports,
+        "reuse": reuse,
+        "name": name,
+    }
     try:
         trainable, callbacks = make_variant(variant)
         tuner = tune.Tuner(
             trainable,
             param_space={"n": reports, "x": tune.grid_search(list(range(trials)))},
             tune_config=tune.TuneConfig(reuse_actors=reuse),
-            run_config=tune.RunConfig(storage_path=storage, name=name, verbose=0,
-                                      callbacks=callbacks),
+            run_config=tune.RunConfig(
+                storage_path=storage, name=name, verbose=0, callbacks=callbacks
+            ),
         )
         before = actor_table()
         sampler = Sampler()
@@ -342,14 +436,19 @@ def run_sweep(variant: str, trials: int, reports: int, reuse: bool, storage: str
         after = actor_table()
         new = [cls for aid, cls in after.items() if aid not in before]
         rec["actors_started"] = len(new)
-        rec["actor_classes"] = dict(sorted(collections.Counter(new).items()))
+        rec["actor_classes"] = dict(
+            sorted(collections.Counter(cls.rsplit(".", 1)[-1] for cls in new).items())
+        )
         errors = [str(e).strip().splitlines()[0][:200] for e in grid.errors]
         if errors:
             rec["error"] = f"{len(errors)} trial(s) failed: {errors[0]}"
         results = list(grid)
         trial_ids = [r.metrics.get("trial_id") for r in results if r.metrics]
-        short = [r.metrics.get("training_iteration") for r in results
-                 if (r.metrics or {}).get("training_iteration") != reports]
+        short = [
+            r.metrics.get("training_iteration")
+            for r in results
+            if (r.metrics or {}).get("training_iteration") != reports
+        ]
         if short or len(trial_ids) != trials:
             rec.setdefault("error", f"Tune got fewer results than reported: {short}")
         rec["leftover"] = wait_quiet()
@@ -365,6 +464,79 @@ def run_sweep(variant: str, trials: int, reports: int, reuse: bool, storage: str
 # --------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------
+
+
+def git_state() -> str:
+    here = os.path.dirname(SCRIPT)
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "wandbtune"],
+            cwd=os.path.dirname(here),
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        return f"git {sha}" + (" + uncommitted changes in wandbtune/" if dirty else "")
+    except Exception:  # noqa: BLE001
+        return "git ?"
+
+
+def package_dir() -> str:
+    """The wandbtune package the current environment would import (not imported)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("wandbtune")
+    if spec is None or not spec.origin:
+        raise SystemExit("wandbtune is not installed: pip install -e . first")
+    return os.path.dirname(spec.origin)
+
+
+def fingerprint(pkg: str) -> str:
+    """sha1 over the package's .py files (names and contents), 12 hex digits."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for path in sorted(glob.glob(os.path.join(pkg, "*.py"))):
+        h.update(os.path.basename(path).encode())
+        with open(path, "rb") as fh:
+            h.update(fh.read())
+    return h.hexdigest()[:12]
+
+
+def snapshot_package(pkg: str, tmp: str) -> str:
+    """Copy wandbtune into ``tmp`` and import it from there, in this process and
+    (through PYTHONPATH, set before ray.init) in every Ray worker: edits to the
+    working tree during a long run do not mix two versions into one table."""
+    root = os.path.join(tmp, "src")
+    shutil.copytree(
+        pkg,
+        os.path.join(root, "wandbtune"),
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    sys.path.insert(0, root)
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    )
+    return root
+
+
+def worker_import_path() -> str:
+    """Where a Ray worker imports wandbtune from."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def where() -> str:
+        import wandbtune
+
+        return os.path.dirname(wandbtune.__file__)
+
+    return ray.get(where.remote())
 
 
 def machine_line() -> dict[str, str]:
@@ -391,15 +563,6 @@ def machine_line() -> dict[str, str]:
 
     import wandbtune
 
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here,
-                             capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=here, capture_output=True, text=True).stdout.strip()
-        git = f"git {sha}" + (" + uncommitted changes" if dirty else "")
-    except Exception:  # noqa: BLE001
-        git = "git ?"
     return {
         "nproc": str(os.cpu_count()),
         "cpu": cpu,
@@ -407,7 +570,7 @@ def machine_line() -> dict[str, str]:
         "python": platform.python_version(),
         "ray": ray.__version__,
         "wandb": wandb.__version__,
-        "wandbtune": f"{wandbtune.__version__} ({git})",
+        "wandbtune": wandbtune.__version__,
     }
 
 
@@ -438,11 +601,13 @@ def completeness(recs: list[dict[str, Any]], prefix: str = "") -> str:
     if ok == exp:
         return f"complete {ok}/{exp}"
     found = sum(r[prefix + "runs_found"] for r in runs)
+    if found == 0:
+        return f"0/{exp}: no run files there"
     missing = sum(r[prefix + "missing_rows"] for r in runs)
     no_exit = sum(r[prefix + "runs_without_exit"] for r in runs)
     parts = [f"**{ok}/{exp} complete**"]
     if found < exp:
-        parts.append(f"{exp - found} runs not found")
+        parts.append(f"{exp - found} run(s) not found")
     if missing:
         parts.append(f"{missing} rows missing")
     if no_exit:
@@ -450,26 +615,38 @@ def completeness(recs: list[dict[str, Any]], prefix: str = "") -> str:
     return "; ".join(parts)
 
 
-def summarize(records: list[dict[str, Any]], configs: list[tuple[str, bool]],
-              variants: list[str]) -> list[dict[str, Any]]:
+def summarize(
+    records: list[dict[str, Any]], configs: list[tuple[str, bool]], variants: list[str]
+) -> list[dict[str, Any]]:
     rows = []
     for cfg in configs:
-        bare = [r["wall_s"] for r in records
-                if shape_key(r) == cfg and r["variant"] == "bare" and "error" not in r]
+        bare = [
+            r["wall_s"]
+            for r in records
+            if shape_key(r) == cfg and r["variant"] == "bare" and "error" not in r
+        ]
         bare_med = statistics.median(bare) if bare else None
         for variant in variants:
-            recs = [r for r in records if shape_key(r) == cfg and r["variant"] == variant]
+            recs = [
+                r for r in records if shape_key(r) == cfg and r["variant"] == variant
+            ]
             good = [r for r in recs if "error" not in r and "wall_s" in r]
             errs = [r["error"] for r in recs if "error" in r]
             trials, reports = (int(x) for x in cfg[0].split("x"))
-            row: dict[str, Any] = {"shape": cfg[0], "reuse": cfg[1], "variant": variant,
-                                   "rounds_ok": len(good), "rounds": len(recs),
-                                   "errors": errs}
+            row: dict[str, Any] = {
+                "shape": cfg[0],
+                "reuse": cfg[1],
+                "variant": variant,
+                "rounds_ok": len(good),
+                "rounds": len(recs),
+                "errors": errs,
+            }
             if good:
                 walls = [r["wall_s"] for r in good]
                 med = statistics.median(walls)
-                row.update(wall_med=med, wall_min=min(walls), wall_max=max(walls),
-                           walls=walls)
+                row.update(
+                    wall_med=med, wall_min=min(walls), wall_max=max(walls), walls=walls
+                )
                 if bare_med:
                     row["ratio"] = med / bare_med
                     row["ratio_min"] = min(walls) / bare_med
@@ -481,23 +658,30 @@ def summarize(records: list[dict[str, Any]], configs: list[tuple[str, bool]],
                 row["wandb_core"] = [r["procs"]["wandb_core_started"] for r in good]
                 row["rss"] = [r["procs"]["peak_rss_mb"] for r in good]
             row["complete"] = completeness(recs) if variant != "bare" else "–"
-            row["complete_storage"] = (completeness(recs, "storage_")
-                                       if variant != "bare" else "–")
-            row["places"] = sorted({p for r in recs for p in r.get("runs", {}).get("places", {})})
+            row["complete_storage"] = (
+                completeness(recs, "storage_") if variant != "bare" else "–"
+            )
+            row["places"] = sorted(
+                {p for r in recs for p in r.get("runs", {}).get("places", {})}
+            )
             row["leftover"] = [r["leftover"] for r in recs if r.get("leftover")]
             rows.append(row)
     return rows
 
 
-def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+def markdown(
+    rows: list[dict[str, Any]], meta: dict[str, Any], records: list[dict[str, Any]]
+) -> str:
     m = meta["machine"]
     lines = [
         "# wandbtune benchmark",
         "",
         f"{meta['date']} · {m['nproc']} CPUs ({m['cpu']}), {m['ram']} RAM · "
         f"Python {m['python']}, ray {m['ray']}, wandb {m['wandb']}, "
-        f"wandbtune {m['wandbtune']} · {meta['rounds']} rounds · "
-        f"load average {meta['load_start']} at start, {meta['load_end']} at end · "
+        f"wandbtune {m['wandbtune']} ({meta['source']}) · rounds: {meta['rounds']} · "
+        f"1-min load average at sweep starts: median {meta['load_median']:.2f}, "
+        f"{meta['load_min']:.2f}–{meta['load_max']:.2f} "
+        "(other jobs share the machine) · "
         f"total {meta['total_min']:.1f} min · command: `{meta['command']}`",
         "",
         "Wall time is `Tuner.fit()`; median [min–max] over rounds. × bare = median / "
@@ -517,14 +701,18 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     for row in rows:
         if "wall_med" not in row:
             err = row["errors"][0] if row["errors"] else "no data"
-            lines.append(f"| {row['shape']} | {row['reuse']} | {row['variant']} | "
-                         f"**error** ({row['rounds'] - row['rounds_ok']}/{row['rounds']} "
-                         f"rounds): {err.replace('|', '/')} | | | | | | | |")
+            lines.append(
+                f"| {row['shape']} | {row['reuse']} | {row['variant']} | "
+                f"**error** ({row['rounds'] - row['rounds_ok']}/{row['rounds']} "
+                f"rounds): {err.replace('|', '/')} | | | | | | | |"
+            )
             continue
         wall = fmt_range(row["walls"])
         if row["errors"]:
-            wall += (f" ({row['rounds'] - row['rounds_ok']} rounds failed: "
-                     f"{row['errors'][0].replace('|', '/')})")
+            wall += (
+                f" ({row['rounds'] - row['rounds_ok']} rounds failed: "
+                f"{row['errors'][0].replace('|', '/')})"
+            )
         ratio = f"{row['ratio']:.2f}" if "ratio" in row else "–"
         us = f"{row['us_per_report']:+.0f}" if "us_per_report" in row else "–"
         if row["variant"] == "bare":
@@ -532,9 +720,11 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         procs = f"{fmt_counts(row['workers'])} + {fmt_counts(row['wandb_core'])}"
         rss = f"{statistics.median(row['rss']):.0f}"
         lines.append(
-            f"| {row['shape']} | {row['reuse']} | {row['variant']} | {wall} | {ratio} | "
-            f"{us} | {fmt_counts(row['actors'])} | {procs} | {rss} | {row['complete']} | "
-            f"{row['complete_storage']} |")
+            f"| {row['shape']} | {row['reuse']} | {row['variant']} | {wall} "
+            f"| {ratio} | {us} | {fmt_counts(row['actors'])} | {procs} | {rss} "
+            f"| {row['complete']} | "
+            f"{row['complete_storage']} |"
+        )
     lines += ["", "## Details", ""]
     lines.append("Actors started, by class (per round when rounds differ):")
     lines.append("")
@@ -553,23 +743,54 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     for variant, places in seen.items():
         if variant != "bare":
             lines.append(f"- {variant}: {', '.join(sorted(places)) or 'none'}")
-    left = [(row["shape"], row["reuse"], row["variant"], row["leftover"])
-            for row in rows if row["leftover"]]
-    lines += ["", f"Processes still busy {QUIET_TIMEOUT_S:.0f} s after `fit()` "
-              "returned (busy Ray workers, wandb-core):", ""]
+    lines += ["", "Runs with no complete copy anywhere (every copy found of each):", ""]
+    bad = [(r, inc) for r in records for inc in r.get("runs", {}).get("incomplete", [])]
+    for r, inc in bad:
+        shape, reuse = shape_key(r)
+        copies = (
+            "; ".join(
+                f"{c['place']}: {c['rows']} rows, "
+                f"steps missing {c['missing_steps'] or 'none'}, "
+                f"exit code {c['exit_code']}"
+                for c in inc["copies"]
+            )
+            or "no file found"
+        )
+        lines.append(
+            f"- round {r['round'] + 1}, {shape} reuse={reuse} {r['variant']}, "
+            f"trial {inc['trial_id']}: {copies}"
+        )
+    if not bad:
+        lines.append("- none")
+    left = [
+        (row["shape"], row["reuse"], row["variant"], row["leftover"])
+        for row in rows
+        if row["leftover"]
+    ]
+    lines += [
+        "",
+        f"Processes still busy {QUIET_TIMEOUT_S:.0f} s after `fit()` "
+        "returned (busy Ray workers, wandb-core):",
+        "",
+    ]
     if left:
         for shape, reuse, variant, lo in left:
             lines.append(f"- {shape} reuse={reuse} {variant}: {lo}")
     else:
         lines.append("- none")
-    errs = [(row["shape"], row["reuse"], row["variant"], e)
-            for row in rows for e in row["errors"]]
+    errs = [
+        (row["shape"], row["reuse"], row["variant"], e)
+        for row in rows
+        for e in row["errors"]
+    ]
     lines += ["", "Errors:", ""]
-    lines += ([f"- {s} reuse={r} {v}: {e}" for s, r, v, e in errs] or ["- none"])
+    lines += [f"- {s} reuse={r} {v}: {e}" for s, r, v, e in errs] or ["- none"]
     return "\n".join(lines) + "\n"
 
 
-def chart(rows: list[dict[str, Any]], variants: list[str], path: str, title: str) -> None:
+def chart(
+    rows: list[dict[str, Any]], variants: list[str], path: str, title: str
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -584,23 +805,52 @@ def chart(rows: list[dict[str, Any]], variants: list[str], path: str, title: str
     for i, variant in enumerate(shown):
         xs, ys, lo, hi = [], [], [], []
         for j, cfg in enumerate(configs):
-            row = next((r for r in rows if (r["shape"], r["reuse"]) == cfg
-                        and r["variant"] == variant), None)
+            row = next(
+                (
+                    r
+                    for r in rows
+                    if (r["shape"], r["reuse"]) == cfg and r["variant"] == variant
+                ),
+                None,
+            )
             x = j + (i - (len(shown) - 1) / 2) * width
             if row is None or "ratio" not in row:
-                ax.text(x, 0.05, "error", rotation=90, ha="center", va="bottom",
-                        fontsize=8, color="red")
+                ax.text(
+                    x,
+                    0.05,
+                    "error",
+                    rotation=90,
+                    ha="center",
+                    va="bottom",
+                    fontsize=8,
+                    color="red",
+                )
                 continue
             xs.append(x)
             ys.append(row["ratio"])
             lo.append(row["ratio"] - row["ratio_min"])
             hi.append(row["ratio_max"] - row["ratio"])
             ymax = max(ymax, row["ratio_max"])
-        bars = ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=variant,
-                      color=colors[i % len(colors)], error_kw={"elinewidth": 0.8})
-        for bar, y in zip(bars, ys):
-            ax.text(bar.get_x() + bar.get_width() / 2, y, f"{y:.2f}", ha="center",
-                    va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
+        bars = ax.bar(
+            xs,
+            ys,
+            width,
+            yerr=[lo, hi],
+            capsize=3,
+            label=variant,
+            color=colors[i % len(colors)],
+            error_kw={"elinewidth": 0.8},
+        )
+        for bar, y, up in zip(bars, ys, hi, strict=True):
+            ax.annotate(
+                f"{y:.2f}",
+                (bar.get_x() + bar.get_width() / 2, y + up),
+                xytext=(0, 2),
+                textcoords="offset points",
+                ha="center",
+                va="bottom",
+                fontsize=7,
+            )
     ax.axhline(1.0, color="black", linewidth=1, linestyle="--", label="bare = 1")
     ax.set_xticks(range(len(configs)))
     ax.set_xticklabels([f"{s}\nreuse_actors={r}" for s, r in configs])
@@ -622,18 +872,29 @@ def chart(rows: list[dict[str, Any]], variants: list[str], path: str, title: str
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(
-        os.path.abspath(__file__)), "results"))
+    parser.add_argument(
+        "--out",
+        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+    )
     parser.add_argument("--large", action="store_true", help=f"also run {LARGE_SHAPE}")
-    parser.add_argument("--shapes", nargs="*", help="TRIALSxREPORTS, replaces the defaults")
+    parser.add_argument(
+        "--shapes", nargs="*", help="TRIALSxREPORTS, replaces the defaults"
+    )
     parser.add_argument("--variants", nargs="*", choices=VARIANTS, default=VARIANTS)
-    parser.add_argument("--reuse", nargs="*", choices=["False", "True"],
-                        default=["False", "True"])
+    parser.add_argument(
+        "--reuse", nargs="*", choices=["False", "True"], default=["False", "True"]
+    )
     parser.add_argument("--no-warmup", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the temp storage dir")
+    parser.add_argument(
+        "--live",
+        action="store_true",
+        help="import wandbtune from the working tree, not a snapshot",
+    )
     parser.add_argument("--_sample", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--_interval", type=float, default=SAMPLE_INTERVAL_S,
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--_interval", type=float, default=SAMPLE_INTERVAL_S, help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args._sample is not None:
         sampler_main(args._sample, args._interval)
@@ -641,7 +902,6 @@ def main() -> int:
 
     command = shlex.join(["python", *sys.argv])
     start = time.time()
-    load_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
     os.environ["WANDB_MODE"] = "offline"
     os.environ["WANDB_SILENT"] = "true"
     shapes = args.shapes or (DEFAULT_SHAPES + ([LARGE_SHAPE] if args.large else []))
@@ -650,60 +910,108 @@ def main() -> int:
         variants.insert(0, "bare")  # the reference for every ratio
     configs = [(s, r == "True") for s in shapes for r in args.reuse]
 
+    args.out = os.path.abspath(args.out)
+    os.makedirs(args.out, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="wandbtune-bench-")
+    pkg = package_dir()
+    source = {"git": git_state(), "tree": pkg, "sha1_start": fingerprint(pkg)}
+    if not args.live:
+        source["snapshot"] = snapshot_package(pkg, tmp)
+        # Ray puts the driver's working directory on every worker's sys.path,
+        # ahead of PYTHONPATH: run from the temp dir so that a checkout's
+        # wandbtune/ there does not shadow the snapshot.
+        os.chdir(tmp)
+
     import ray
 
     ray.init(num_cpus=2)
-    os.makedirs(args.out, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix="wandbtune-bench-")
-    print(f"storage under {tmp}; Ray session {session_dir()}", flush=True)
+    source["worker_imports"] = worker_import_path()
+    print(
+        f"storage under {tmp}; Ray session {session_dir()}; wandbtune {source}",
+        flush=True,
+    )
+    if not args.live and not source["worker_imports"].startswith(source["snapshot"]):
+        print("WARNING: Ray workers do not import the snapshot", flush=True)
     records: list[dict[str, Any]] = []
     try:
         if not args.no_warmup:
-            for variant in variants:  # imports, worker start-up, W&B binaries: not timed
-                rec = run_sweep(variant, 2, 5, False, tmp, f"warmup-{variant}", check=False)
-                print(f"warm-up {variant}: {rec.get('wall_s', 0):.2f} s "
-                      f"{rec.get('error', '')}", flush=True)
+            # imports, worker start-up, W&B binaries: not timed
+            for variant in variants:
+                rec = run_sweep(
+                    variant, 2, 5, False, tmp, f"warmup-{variant}", check=False
+                )
+                print(
+                    f"warm-up {variant}: {rec.get('wall_s', 0):.2f} s "
+                    f"{rec.get('error', '')}",
+                    flush=True,
+                )
         n = len(variants)
         for rnd in range(args.rounds):
-            order = variants[rnd % n:] + variants[:rnd % n]
+            order = variants[rnd % n :] + variants[: rnd % n]
             for shape, reuse in configs:
                 trials, reports = (int(x) for x in shape.split("x"))
                 for variant in order:
                     name = f"r{rnd}-{shape}-reuse{int(reuse)}-{variant}"
+                    load1 = os.getloadavg()[0]
                     rec = run_sweep(variant, trials, reports, reuse, tmp, name)
                     rec["round"] = rnd
+                    rec["load1_at_start"] = load1
                     records.append(rec)
                     runs = rec.get("runs", {})
-                    print(f"round {rnd + 1}/{args.rounds} {shape} reuse={reuse} "
-                          f"{variant:20s} {rec.get('wall_s', float('nan')):7.2f} s "
-                          f"actors={rec.get('actors_started')} procs={rec.get('procs', {})} "
-                          f"runs={runs.get('runs_complete')}/{runs.get('runs_expected')} "
-                          f"storage={runs.get('storage_runs_complete')} "
-                          f"places={runs.get('places')} leftover={rec.get('leftover')} "
-                          f"{rec.get('error', '')}", flush=True)
+                    print(
+                        f"round {rnd + 1}/{args.rounds} {shape} reuse={reuse} "
+                        f"{variant:20s} {rec.get('wall_s', float('nan')):7.2f} s "
+                        f"actors={rec.get('actors_started')} "
+                        f"procs={rec.get('procs', {})} "
+                        f"runs={runs.get('runs_complete')}/{runs.get('runs_expected')} "
+                        f"storage={runs.get('storage_runs_complete')} "
+                        f"places={runs.get('places')} leftover={rec.get('leftover')} "
+                        f"{rec.get('error', '')}",
+                        flush=True,
+                    )
                     if not args.keep:
                         shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
+    source["sha1_end"] = fingerprint(pkg)
+    if args.live:
+        desc = f"{source['git']}, live tree"
+        if source["sha1_end"] != source["sha1_start"]:
+            desc += " (**changed during the run**)"
+    else:
+        desc = (
+            f"{source['git']}, snapshot taken at start, "
+            f"sources sha1 {source['sha1_start']}"
+        )
+        if source["sha1_end"] != source["sha1_start"]:
+            desc += "; the working tree changed during the run, not the snapshot"
+    loads = [r["load1_at_start"] for r in records] or [float("nan")]
     meta = {
         "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "machine": machine_line(),
         "rounds": args.rounds,
         "command": command,
-        "load_start": load_start,
-        "load_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "source": desc,
+        "source_detail": source,
+        "load_median": statistics.median(loads),
+        "load_min": min(loads),
+        "load_max": max(loads),
         "total_min": (time.time() - start) / 60,
     }
     rows = summarize(records, configs, variants)
     with open(os.path.join(args.out, "bench.md"), "w") as fh:
-        fh.write(markdown(rows, meta))
+        fh.write(markdown(rows, meta, records))
     with open(os.path.join(args.out, "bench.json"), "w") as fh:
         json.dump({"meta": meta, "records": records}, fh, indent=1, default=str)
     m = meta["machine"]
-    chart(rows, variants, os.path.join(args.out, "bench.png"),
-          f"Tuner.fit() time relative to no logging · {args.rounds} rounds · "
-          f"{m['nproc']} CPUs · ray {m['ray']}, wandb {m['wandb']}")
+    chart(
+        rows,
+        variants,
+        os.path.join(args.out, "bench.png"),
+        f"Tuner.fit() time relative to no logging · {args.rounds} rounds · "
+        f"{m['nproc']} CPUs · ray {m['ray']}, wandb {m['wandb']}",
+    )
     print(open(os.path.join(args.out, "bench.md")).read(), flush=True)
     print(f"total {meta['total_min']:.1f} min", flush=True)
     return 0
