@@ -178,18 +178,15 @@ def test_both_key_sources_at_once_are_refused():
 
 
 def test_a_missing_project_fails_the_trial_before_training_with_the_fix(sweep):
-    ran = []
-
     @wandb_trainable
     def no_project(config):
-        ran.append(1)
         tune.report({"x": 1})
 
     out = sweep(no_project)
     (result,) = out.results
     message = str(result.error)
     assert "no W&B project" in message and "WANDB_PROJECT" in message
-    assert "x" not in (result.metrics or {})
+    assert "x" not in (result.metrics or {})  # it failed before training
 
 
 def test_a_bad_wandb_config_entry_fails_the_trial_with_the_fix(sweep):
