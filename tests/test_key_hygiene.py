@@ -1,0 +1,55 @@
+"""An API key given to wandbtune is written to no file of the experiment.
+
+Runs are online against a closed port on this machine (W&B's servers are the
+one part not run here), so the key is really read and handed to W&B.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ray import tune
+
+from tests.test_lifecycle import UNREACHABLE
+from wandbtune import WandbLoggerCallback, wandb_trainable
+
+KEY = "wbtune0secret" + "7" * 27  # 40 characters, like a real key
+
+
+def _report(config):
+    tune.report({"x": 1})
+
+
+def _files_with_key(root: Path) -> list[str]:
+    return [
+        str(path)
+        for path in root.rglob("*")
+        if path.is_file() and KEY.encode() in path.read_bytes()
+    ]
+
+
+def test_a_key_given_to_the_decorator_or_callback_is_in_no_file(
+    sweep, tmp_path, monkeypatch
+):
+    online = {k: v for k, v in UNREACHABLE.items() if k != "api_key"}
+    key_file = tmp_path / "key.txt"
+    key_file.write_text(KEY + "\n")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-dir"))
+
+    sweep(wandb_trainable(project="k", api_key=KEY, **online)(_report), name="arg")
+    sweep(
+        wandb_trainable(project="k", api_key_file=str(key_file), **online)(_report),
+        name="file",
+    )
+    sweep(
+        _report,
+        name="callback",
+        callbacks=[WandbLoggerCallback(project="k", api_key=KEY, **online)],
+    )
+    monkeypatch.setenv("WANDB_API_KEY", KEY)  # read by the driver-side callback
+    sweep(_report, name="env", callbacks=[WandbLoggerCallback(project="k", **online)])
+
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == "tuner.pkl" for p in written)  # Tune wrote its state
+    assert any(p.suffix == ".wandb" for p in written)  # and W&B its run logs
+    assert _files_with_key(tmp_path) == [str(key_file)]
