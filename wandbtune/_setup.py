@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any, Optional
 
 from wandbtune import _compat
 from wandbtune._run import start_run
-from wandbtune._settings import CONFIG_KEY, Settings
+from wandbtune._settings import Settings
 
 __all__ = ["setup_wandb"]
 
@@ -62,9 +63,7 @@ def setup_wandb(
         "setup_wandb", api_key=api_key, api_key_file=api_key_file, **overrides
     ).merged(config)
     if managed:
-        settings = Settings(
-            **{**settings.__dict__, "init_kwargs": {**settings.init_kwargs, **managed}}
-        )
+        settings = replace(settings, init_kwargs={**settings.init_kwargs, **managed})
 
     info = getattr(session, "trial_info", None)
     return start_run(
@@ -73,6 +72,6 @@ def setup_wandb(
         trial_id=getattr(info, "id", None),
         trial_name=getattr(info, "name", None),
         experiment=getattr(info, "experiment_name", None),
-        config={k: v for k, v in config.items() if k != CONFIG_KEY},
+        config=config,  # run_config leaves out config["wandb"]
         dir=_compat.storage_trial_dir(getattr(session, "storage", None)),
     )
