@@ -4,8 +4,9 @@
 
 The "wandb" entry of the config sets the project and the API key file for
 each trial; it is never logged as W&B config. `train.report` (ray.train)
-works inside a decorated trainable on current Ray, where plain Tune rejects it.
-Offline, the key file need not exist.
+works inside a decorated trainable on current Ray, where plain Tune rejects it,
+and on older Ray, where it is Tune's own API. Offline, the key file need not
+exist.
 """
 
 from _common import offline_unless_logged_in, print_runs, storage_path
@@ -15,6 +16,9 @@ offline_unless_logged_in()
 from ray import train, tune  # noqa: E402
 
 from wandbtune import wandb_trainable  # noqa: E402
+
+# Recent Ray: tune.RunConfig. Older Ray (2.30), and its docs: train.RunConfig.
+RunConfig = getattr(tune, "RunConfig", None) or train.RunConfig
 
 
 @wandb_trainable
@@ -35,6 +39,6 @@ if __name__ == "__main__":
                 "api_key_file": "~/.wandb_key",
             },
         },
-        run_config=tune.RunConfig(name="docs_style", storage_path=storage_path()),
+        run_config=RunConfig(name="docs_style", storage_path=storage_path()),
     ).fit()
     print_runs(results.experiment_path)

@@ -8,6 +8,7 @@ from typing import Any
 
 from ray import tune
 
+from tests.raycompat import RunConfig
 from wandbtune.testing import RunFile, find_run_files, read_run
 
 
@@ -45,7 +46,7 @@ def run_sweep(
         trainable,
         param_space=param_space,
         tune_config=tune_config,
-        run_config=tune.RunConfig(
+        run_config=RunConfig(
             name=name,
             storage_path=str(storage),
             callbacks=callbacks,

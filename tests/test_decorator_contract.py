@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 
 import pytest
 import ray.train
 from ray import cloudpickle, tune
 
 import wandbtune
+from tests.raycompat import HAS_TUNE_REPORT, report
 from wandbtune import ConfigError, wandb_trainable
 from wandbtune._compat import train_api_forwarded_to_tune, train_api_is_forwarded
 
 
 def plain(config, data=None):
     """Docstring of plain."""
-    tune.report({"data": data if data is not None else -1})
+    report({"data": data if data is not None else -1})
 
 
 def passthrough(fn):
@@ -180,7 +182,7 @@ def test_both_key_sources_at_once_are_refused():
 def test_a_missing_project_fails_the_trial_before_training_with_the_fix(sweep):
     @wandb_trainable
     def no_project(config):
-        tune.report({"x": 1})
+        report({"x": 1})
 
     out = sweep(no_project)
     (result,) = out.results
@@ -189,26 +191,46 @@ def test_a_missing_project_fails_the_trial_before_training_with_the_fix(sweep):
     assert "x" not in (result.metrics or {})  # it failed before training
 
 
-def test_a_bad_wandb_config_entry_fails_the_trial_with_the_fix(sweep):
+@pytest.mark.parametrize(
+    ("entry", "error", "message"),
+    [
+        (
+            {"project": "p", "excludes": "debug"},
+            ConfigError,
+            ": excludes must be a list",
+        ),
+        ({"project": "p", "projekt": "q"}, TypeError, ": unknown argument(s) projekt"),
+        ("p", ConfigError, " must be a dict of W&B settings"),
+    ],
+)
+def test_a_bad_wandb_config_entry_fails_fit_on_the_driver(
+    sweep, tmp_path, entry, error, message
+):
     @wandb_trainable
     def fn(config):
-        tune.report({"x": 1})
+        report({"x": 1})
 
-    out = sweep(fn, {"wandb": {"project": "p", "excludes": "debug"}})
-    (result,) = out.results
-    assert 'config["wandb"]: excludes must be a list' in str(result.error)
+    # Tune creates each trial on the driver and asks the trainable for its
+    # resources with the trial's config: the check runs there, so fit() raises
+    # before any trial starts rather than every trial failing in its worker.
+    with pytest.raises(error, match=re.escape(f'config["wandb"]{message}')) as raised:
+        sweep(fn, {"wandb": entry, "i": tune.grid_search(list(range(20)))})
+    assert raised.type is error  # the error itself, not Tune's wrapper
+    assert not [p for p in tmp_path.rglob("result.json") if p.stat().st_size]
 
 
 # -- nothing stays patched -------------------------------------------------------
 
 
 def test_ray_train_api_is_patched_only_inside_the_scope():
+    # Where Ray has no tune.report, ray.train.report is Tune's own: no patch.
+    patches = HAS_TUNE_REPORT
     original = ray.train.report
     assert not train_api_is_forwarded()
     with train_api_forwarded_to_tune():
         with train_api_forwarded_to_tune():  # overlapping entries
-            assert train_api_is_forwarded()
-        assert train_api_is_forwarded()
+            assert train_api_is_forwarded() is patches
+        assert train_api_is_forwarded() is patches
     assert ray.train.report is original
     with pytest.raises(RuntimeError), train_api_forwarded_to_tune():
         raise RuntimeError("leaves the scope")
@@ -226,7 +248,7 @@ def test_nothing_stays_patched_between_trials_of_one_worker(sweep):
         from wandbtune import _compat
 
         for _ in range(5):
-            tune.report({"depth": _compat._forward_depth, "worker": os.getpid()})
+            report({"depth": _compat._forward_depth, "worker": os.getpid()})
 
     out = sweep(
         probe,
@@ -237,7 +259,8 @@ def test_nothing_stays_patched_between_trials_of_one_worker(sweep):
     runs = list(out.runs.values())
     assert len(runs) == 3
     assert len({pid for run in runs for pid in run.column("worker")}) == 1
-    assert all(run.column("depth") == [1, 1] for run in runs)
+    depth = 1 if HAS_TUNE_REPORT else 0  # older Ray: nothing to patch
+    assert all(run.column("depth") == [depth, depth] for run in runs)
 
 
 # -- setup_wandb ------------------------------------------------------------------
@@ -248,7 +271,7 @@ def test_setup_wandb_reads_settings_from_config_and_never_logs_them(sweep):
         run = wandbtune.setup_wandb(config)
         for i in range(2):
             run.log({"i": i})
-            tune.report({"i": i})
+            report({"i": i})
         run.finish()
 
     secret = "k" * 40
@@ -273,7 +296,7 @@ def test_setup_wandb_keyword_arguments_win_over_defaults(sweep):
         )
         run.log({"x": 1})
         run.finish()
-        tune.report({"done_": 1})
+        report({"done_": 1})
 
     run = sweep(custom).only_run()
     assert (run.project, run.name, run.group) == ("kw", "custom-name", "custom-group")

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from ray import tune
 
+from tests.raycompat import report
 from tests.test_lifecycle import UNREACHABLE
-from wandbtune import WandbLoggerCallback, wandb_trainable
+from wandbtune import WandbLoggerCallback, _settings, wandb_trainable
 
 KEY = "wbtune0secret" + "7" * 27  # 40 characters, like a real key
 
 
 def _report(config):
-    tune.report({"x": 1})
+    report({"x": 1})
 
 
 def _files_with_key(root: Path) -> list[str]:
@@ -53,3 +55,24 @@ def test_a_key_given_to_the_decorator_or_callback_is_in_no_file(
     assert any(p.name == "tuner.pkl" for p in written)  # Tune wrote its state
     assert any(p.suffix == ".wandb" for p in written)  # and W&B its run logs
     assert _files_with_key(tmp_path) == [str(key_file)]
+
+
+@pytest.mark.parametrize("how", ["decorator", "callback"])
+def test_a_key_in_the_trial_config_is_warned_about_once_on_the_driver(
+    sweep, monkeypatch, caplog, how
+):
+    # Tune itself writes the trial config to its files; wandbtune can only keep
+    # the key out of W&B and say so, once, on the driver, before trials start.
+    monkeypatch.setattr(_settings, "_warned_key_in_config", False)
+    space = {"wandb": {"project": "k", "api_key": KEY}, "i": tune.grid_search([0, 1])}
+    with caplog.at_level("WARNING", logger="wandbtune"):
+        if how == "decorator":
+            out = sweep(wandb_trainable(_report), space)
+        else:
+            out = sweep(_report, space, callbacks=[WandbLoggerCallback()])
+    warnings = [r.getMessage() for r in caplog.records if "api_key" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "api_key_file" in warnings[0] and "WANDB_API_KEY" in warnings[0]
+    assert len(out.runs) == 2
+    for run in out.runs.values():
+        assert "wandb" not in run.config and KEY not in repr(run.config)

@@ -8,6 +8,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from tests.helpers import tune_iterations
+from tests.raycompat import report
 from wandbtune import wandb_trainable
 
 
@@ -17,21 +18,21 @@ class Boom(ValueError):
 
 @wandb_trainable(project="lifecycle")
 def fails_after_two(config):
-    tune.report({"x": 1})
-    tune.report({"x": 2})
+    report({"x": 1})
+    report({"x": 2})
     raise Boom("boom at step three")
 
 
 @wandb_trainable(project="lifecycle")
 def long_runner(config):
     for i in range(1000):
-        tune.report({"score": config["q"] * (i + 1)})
+        report({"score": config["q"] * (i + 1)})
 
 
 def test_a_returning_trial_finishes_with_exit_code_zero(sweep):
     @wandb_trainable(project="lifecycle")
     def returns(config):
-        tune.report({"x": 1})
+        report({"x": 1})
 
     run = sweep(returns).only_run()
     assert run.finished and run.exit_code == 0
@@ -84,7 +85,7 @@ def test_reused_actors_give_each_trial_its_own_complete_run(sweep):
     @wandb_trainable(project="reuse")
     def short(config):
         for i in range(3):
-            tune.report({"who": config["n"], "i": i})
+            report({"who": config["n"], "i": i})
 
     out = sweep(
         short,
@@ -106,7 +107,7 @@ def test_a_trial_stopped_while_its_function_blocks_is_flushed(sweep):
     def slow(config):
         for i in range(100):
             time.sleep(0.01)
-            tune.report({"i": i})
+            report({"i": i})
 
     out = sweep(slow, stop={"training_iteration": 2})
     run = out.only_run()
@@ -127,7 +128,7 @@ def test_when_w_and_b_is_unreachable_training_goes_on_without_it(sweep):
     @wandb_trainable(project="outage", **UNREACHABLE)
     def fn(config):
         for i in range(3):
-            tune.report({"i": i})
+            report({"i": i})
 
     out = sweep(fn, {"n": tune.grid_search([0, 1])})
     for result in out.results:
@@ -140,7 +141,7 @@ def test_when_w_and_b_is_unreachable_training_goes_on_without_it(sweep):
 def test_strict_fails_the_trial_when_w_and_b_is_unreachable(sweep):
     @wandb_trainable(project="outage", strict=True, **UNREACHABLE)
     def fn(config):
-        tune.report({"i": 0})
+        report({"i": 0})
 
     (result,) = sweep(fn).results
     assert result.error is not None

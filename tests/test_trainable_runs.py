@@ -8,6 +8,7 @@ from ray import train, tune
 
 from tests import trainables
 from tests.helpers import tune_iterations, user_columns
+from tests.raycompat import Checkpoint, report
 from wandbtune import wandb_trainable
 from wandbtune.testing import find_run_files, read_run
 
@@ -79,7 +80,7 @@ def test_trainable_defined_in_a_function_travels_by_value(sweep):
     def local_fn(config):
         seen["this is a closure"] = True  # forces pickling by value
         for i in range(2):
-            tune.report({"i": i})
+            report({"i": i})
 
     out = sweep(local_fn)
     run = out.only_run()
@@ -89,13 +90,13 @@ def test_trainable_defined_in_a_function_travels_by_value(sweep):
 def test_every_report_path_is_mirrored_exactly_once(sweep):
     @wandb_trainable(project="paths")
     def all_paths(config):
-        tune.report({"via": 1})
+        report({"via": 1})
         train.report({"via": 2})
         import ray.train
 
         ray.train.report({"via": 3})
-        ckpt = tune.Checkpoint.from_directory(_tmp_checkpoint_dir())
-        tune.report({"via": 4}, checkpoint=ckpt)
+        ckpt = Checkpoint.from_directory(_tmp_checkpoint_dir())
+        report({"via": 4}, checkpoint=ckpt)
         return {"via": 5}
 
     out = sweep(all_paths)
@@ -122,7 +123,7 @@ def test_yielded_dicts_are_mirrored(sweep):
 def test_the_trainable_sees_its_config_unchanged(sweep):
     @wandb_trainable
     def check_config(config):
-        tune.report(
+        report(
             {
                 "has_wandb_key": "wandb" in config,
                 "project_in_config": config["wandb"]["project"] == "seen",
@@ -141,7 +142,7 @@ def test_strange_values_never_break_training(sweep):
 
     @wandb_trainable(project="strange")
     def strange(config):
-        tune.report(
+        report(
             {
                 "np_float": np.float32(1.5),
                 "np_int": np.int64(7),
@@ -184,7 +185,7 @@ def test_users_own_wandb_logging_never_drops_a_mirrored_row(sweep):
             wandb.log({"extra": i})  # commits its own row
             wandb.log({"extra2": i})  # and another: W&B's step runs ahead
             wandb.log({"attached": i}, commit=False)
-            tune.report({"metric": i})
+            report({"metric": i})
 
     out = sweep(logs_a_lot)
     (result,) = out.results
@@ -206,7 +207,7 @@ def test_commit_false_user_data_lands_in_the_mirrored_row(sweep):
         import wandb
 
         for i in range(3):
-            tune.report({"metric": i})
+            report({"metric": i})
             wandb.log({"attached": i * 100}, commit=False)
 
     out = sweep(attaches)
@@ -228,7 +229,7 @@ def _tmp_checkpoint_dir() -> str:
 def test_group_tags_notes_and_per_trial_overrides_reach_the_run(sweep):
     @wandb_trainable(project="base", group="base-group", tags=["a"], notes="n1")
     def fn(config):
-        tune.report({"x": 1})
+        report({"x": 1})
 
     out = sweep(
         fn,
@@ -269,7 +270,7 @@ def test_w_and_b_settings_set_on_the_driver_after_ray_started_reach_trials(
 
     @wandb_trainable
     def fn(config):
-        tune.report({"x": 1})
+        report({"x": 1})
 
     run = sweep(fn).only_run()
     assert (run.project, run.group) == ("set-on-the-driver", "driver-group")
@@ -279,7 +280,7 @@ def test_a_value_w_and_b_rejects_does_not_cost_the_row(sweep):
     @wandb_trainable(project="rejected")
     def fn(config):
         for i in range(3):
-            tune.report({"loss": float(i), "w": np.array([np.nan] + [1.0] * 40)})
+            report({"loss": float(i), "w": np.array([np.nan] + [1.0] * 40)})
 
     run = sweep(fn).only_run()
     assert run.column("loss") == [0.0, 1.0, 2.0]
@@ -294,7 +295,7 @@ def test_setup_wandb_inside_a_decorated_trainable_is_the_trials_run(sweep):
         import wandbtune
 
         run = wandbtune.setup_wandb(config)
-        tune.report({"same": run is wandb.run, "id_matches": run.id == wandb.run.id})
+        report({"same": run is wandb.run, "id_matches": run.id == wandb.run.id})
 
     out = sweep(fn)
     assert len(out.runs) == 1
@@ -307,7 +308,7 @@ def test_wandb_dir_set_on_the_driver_is_where_runs_go(sweep, monkeypatch, tmp_pa
 
     @wandb_trainable(project="dir")
     def fn(config):
-        tune.report({"x": 1})
+        report({"x": 1})
 
     out = sweep(fn)
     assert out.runs == {}  # not in the experiment storage

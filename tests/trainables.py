@@ -4,8 +4,9 @@ function or in ``__main__``, which travel by value."""
 
 from __future__ import annotations
 
-from ray import train, tune
+from ray import train
 
+from tests.raycompat import report
 from wandbtune import wandb_trainable
 
 
@@ -13,7 +14,7 @@ from wandbtune import wandb_trainable
 def train_fc(config):
     """Module-level trainable in the README's first example."""
     for i in range(4):
-        tune.report(
+        report(
             {
                 "mean_accuracy": (i + config["alpha"]) / 10,
                 "debug": {"grad": i},

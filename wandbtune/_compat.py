@@ -1,20 +1,103 @@
 """Everything wandbtune takes from Ray's and W&B's private APIs, in one place.
 
 Ray moves these often (Train V2 became the default in 2.5x and made
-``ray.train.report`` raise inside Tune). Each name is resolved once, here, so a
-change in Ray breaks this module loudly instead of a trial deep inside.
+``ray.train.report`` raise inside Tune). This module checks the installed
+versions against the supported range and resolves each private name once, at
+import, so an unsupported Ray or W&B fails ``import wandbtune`` with a message
+that names the versions, instead of a trial failing deep inside.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from importlib import metadata
 from typing import Any, Optional
 
-from ray.train._internal import session as _session_mod
-from ray.tune.result import RESULT_DUPLICATE
+import ray
+
+#: The oldest versions wandbtune supports, and the newest it was tested with.
+#: The floor is where a needed API first exists (see the README's "Supported
+#: versions"); newer versions are accepted while the private API below is
+#: still there.
+RAY_MIN = (2, 30)
+WANDB_MIN = (0, 19, 10)
+RAY_TESTED = "2.60.0"
+WANDB_TESTED = "0.31.0"
+
+
+class UnsupportedVersionError(ImportError):
+    """The installed Ray or W&B is outside what wandbtune supports."""
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """``"2.30.0rc1"`` -> ``(2, 30, 0)``; () if it does not start with digits."""
+    found = re.match(r"\d+(?:\.\d+)*", version)
+    return tuple(int(part) for part in found.group().split(".")) if found else ()
+
+
+def _dotted(version: tuple[int, ...]) -> str:
+    return ".".join(map(str, version))
+
+
+def supported_range() -> str:
+    return (
+        f"ray[tune] >= {_dotted(RAY_MIN)} (tested up to {RAY_TESTED}) and "
+        f"wandb >= {_dotted(WANDB_MIN)} (tested up to {WANDB_TESTED})"
+    )
+
+
+def check_versions(ray_version: str, wandb_version: Optional[str]) -> None:
+    """Raise UnsupportedVersionError unless both versions are supported."""
+    installed = f"ray {ray_version}, wandb {wandb_version or '(not installed)'}"
+    problems = []
+    if wandb_version is None:
+        problems.append('wandb is not installed: pip install "wandb>=0.19.10"')
+    elif _release(wandb_version) < WANDB_MIN:
+        problems.append(f'pip install "wandb>={_dotted(WANDB_MIN)}"')
+    if _release(ray_version) < RAY_MIN:
+        problems.append(f'pip install "ray[tune]>={_dotted(RAY_MIN)}"')
+    if problems:
+        raise UnsupportedVersionError(
+            f"wandbtune supports {supported_range()}; installed: {installed}. "
+            f"Fix: {'; '.join(problems)}."
+        )
+
+
+def _installed_wandb() -> Optional[str]:
+    try:
+        return metadata.version("wandb")  # without importing wandb (~0.3 s)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+check_versions(ray.__version__, _installed_wandb())
+
+
+def _private_api_missing(what: str, error: BaseException) -> UnsupportedVersionError:
+    return UnsupportedVersionError(
+        f"wandbtune cannot use this Ray: {what} is not what it expects "
+        f"({type(error).__name__}: {error}). wandbtune supports "
+        f"{supported_range()}; installed: ray {ray.__version__}. If this Ray is "
+        "newer than the tested one, install the newest wandbtune or ray[tune]=="
+        f"{RAY_TESTED}."
+    )
+
+
+try:
+    from ray import tune as _tune
+    from ray.train._internal import session as _session_mod
+    from ray.tune.result import RESULT_DUPLICATE
+    from ray.tune.trainable.function_trainable import wrap_function as _wrap_function
+
+    _session_mod.get_session  # noqa: B018 - resolved here, used per trial
+    if "__mixins__" not in _wrap_function.__code__.co_names:
+        raise AttributeError("wrap_function no longer reads __mixins__")
+except (ImportError, AttributeError) as _error:
+    raise _private_api_missing("Ray Tune's function trainable API", _error) from None
 
 __all__ = [
     "RESULT_DUPLICATE",
@@ -60,6 +143,11 @@ def in_tune_function_trial() -> bool:
 # patched (``from ray import train; train.report(...)`` and
 # ``ray.train.report(...)``): patching Tune's ``_in_tune_session`` predicate
 # instead would break Ray Train trainers launched from a Tune trial.
+
+
+#: Recent Ray has ``ray.tune.report``; where it has not (2.30), ``ray.train.report``
+#: is Tune's own API and needs no forwarding.
+TUNE_HAS_REPORT = hasattr(_tune, "report")
 
 
 def _forward_report(metrics: Any, checkpoint: Any = None, **options: Any) -> None:
@@ -126,6 +214,9 @@ def train_api_forwarded_to_tune() -> Iterator[None]:
     global _forward_depth
     import wrapt
 
+    if not TUNE_HAS_REPORT:  # older Ray: ray.train.report works in Tune as it is
+        yield
+        return
     with _forward_lock:
         if _forward_depth == 0:
             for name in _FORWARDS:
@@ -178,6 +269,33 @@ def experiment_name(storage: Any) -> Optional[str]:
 
 
 # --- W&B private API -------------------------------------------------------------
+
+
+def wandb_has_setting(name: str) -> bool:
+    """True if this wandb's ``Settings`` has the field ``name``."""
+    import wandb
+
+    return name in wandb.Settings.model_fields
+
+
+def wandb_use_key(key: str) -> None:
+    """Make ``wandb.init`` log in with ``key`` (given in its settings), without
+    writing the key anywhere.
+
+    Newer wandb logs in with the key in ``wandb.init``'s settings. Older wandb
+    (0.19) logs in with the process's global settings only, and would save a
+    key given to ``wandb.login`` in ``~/.netrc``: there the key goes into the
+    global settings, in memory.
+    """
+    import inspect
+
+    from wandb.sdk import wandb_login
+
+    if "update_api_key" in inspect.signature(wandb_login._login).parameters:
+        return
+    import wandb
+
+    wandb.setup(settings=wandb.Settings(api_key=key))
 
 
 def wandb_current_step(run: Any) -> Optional[int]:

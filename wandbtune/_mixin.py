@@ -48,6 +48,27 @@ class WandbTrainableMixin:
     _wandbtune_settings: ClassVar[Settings] = Settings()
     _wandbtune_run: Optional[TrialRun] = None
 
+    # --- on the driver -------------------------------------------------------
+    # Tune asks a trainable class for each new trial's resources on the driver,
+    # with the trial's resolved config: the one per-trial hook a decorated
+    # trainable has there. wandbtune checks config["wandb"] in it, so a bad
+    # setting fails fit() at once instead of every trial in its worker.
+
+    @classmethod
+    def default_resource_request(cls, config: dict[str, Any]) -> Any:
+        cls._wandbtune_settings.check_trial_config(config)
+        return super().default_resource_request(config)  # type: ignore[misc]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Tune's function-trainable class (and a user's subclass) defines its own
+        # default_resource_request below this mixin: check there too.
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("default_resource_request")
+        if isinstance(own, classmethod) and not hasattr(own.__func__, "_wandbtune"):
+            cls.default_resource_request = classmethod(_checking(own.__func__))  # type: ignore[assignment]
+
+    # --- in the trial actor --------------------------------------------------
+
     def setup(self, config: dict[str, Any], *args: Any, **kwargs: Any) -> None:
         super().setup(config, *args, **kwargs)  # type: ignore[misc]
         self._wandbtune_start(config)
@@ -149,6 +170,15 @@ class WandbTrainableMixin:
             # The run was finished earlier (e.g. by a reset_config that could
             # not reuse this actor): still make sure it is written.
             flush_wandb()
+
+
+def _checking(request: Any) -> Any:
+    def default_resource_request(cls: Any, config: dict[str, Any]) -> Any:
+        cls._wandbtune_settings.check_trial_config(config)
+        return request(cls, config)
+
+    default_resource_request._wandbtune = True  # type: ignore[attr-defined]
+    return default_resource_request
 
 
 def mixin_for(settings: Settings) -> type:

@@ -83,6 +83,8 @@ def start_run(
     kwargs = init_kwargs(settings, require_project=require_project, **trial)
     key = None if settings.offline() else settings.read_api_key()
     kwargs["settings"] = _wandb_settings(kwargs.get("settings"), key)
+    if key:
+        _compat.wandb_use_key(key)
     if not exclusive:
         kwargs["reinit"] = "create_new"
     elif wandb.run is not None:
@@ -117,7 +119,9 @@ def _wandb_settings(user: Any, api_key: str | None) -> Any:
     extra_timeout: dict[str, Any] = {}
     if "WANDB_INIT_TIMEOUT" not in os.environ:
         extra_timeout["init_timeout"] = INIT_TIMEOUT_S
-    if "WANDB_FINISH_TIMEOUT" not in os.environ:
+    if "WANDB_FINISH_TIMEOUT" not in os.environ and _compat.wandb_has_setting(
+        "finish_timeout"  # not in older wandb
+    ):
         extra_timeout["finish_timeout"] = FINISH_TIMEOUT_S
     if user is None:
         return wandb.Settings(quiet=True, **extra_timeout, **extra)

@@ -3,6 +3,7 @@ with a trial's ``config["wandb"]``."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -171,6 +172,17 @@ class Settings:
             init_kwargs={**self.init_kwargs, **given.init_kwargs},
         )
 
+    def check_trial_config(self, trial_config: Mapping[str, Any]) -> None:
+        """On the driver, as Tune creates a trial: raise for a bad
+        ``config["wandb"]`` before any trial starts, and warn once about an
+        API key in it (Tune writes the trial config to its result files)."""
+        overrides = trial_config.get(CONFIG_KEY) if trial_config else None
+        if isinstance(overrides, Mapping) and overrides.get("api_key"):
+            _warn_key_in_config()
+        merged = self.merged(trial_config)
+        if merged is not self:
+            merged.check_init_kwargs(f'config["{CONFIG_KEY}"]')
+
     def check_init_kwargs(self, where: str) -> None:
         """Name a misspelt ``wandb.init`` argument now, not in every trial."""
         if not self.init_kwargs:
@@ -233,3 +245,20 @@ class Settings:
         if not key:
             raise ConfigError(f"the W&B API key file {path!r} is empty.")
         return key
+
+
+_warned_key_in_config = False
+
+
+def _warn_key_in_config() -> None:
+    global _warned_key_in_config
+    if _warned_key_in_config:
+        return
+    _warned_key_in_config = True
+    logging.getLogger("wandbtune").warning(
+        'wandbtune: config["%s"]["api_key"] is part of the trial config, which '
+        "Tune writes to params.json, result.json and its experiment state in the "
+        "storage path. wandbtune keeps it out of W&B, but not out of Tune's files: "
+        "pass api_key_file=... or set WANDB_API_KEY on every node instead.",
+        CONFIG_KEY,
+    )
