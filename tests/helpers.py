@@ -19,6 +19,9 @@ class SweepOutcome:
     storage: Path
     #: files of runs whose start W&B aborted (no run record, no id)
     aborted: list[RunFile]
+    #: every attempt's file of each run, oldest first (a retried or restored
+    #: trial writes one offline file per attempt, all with the same id)
+    attempts: dict[str, list[RunFile]]
 
     def run_for(self, result: Any) -> RunFile:
         trial_id = result.metrics.get("trial_id") or Path(result.path).name
@@ -40,6 +43,7 @@ def run_sweep(
     stop: Any = None,
     failure_config: Any = None,
     checkpoint_config: Any = None,
+    allow_attempts: bool = False,
 ) -> SweepOutcome:
     storage = tmp_path / "results"
     tuner = tune.Tuner(
@@ -57,16 +61,35 @@ def run_sweep(
         ),
     )
     results = tuner.fit()
+    return read_sweep(results, storage, name, allow_attempts=allow_attempts)
+
+
+def read_sweep(
+    results: Any, storage: Path, name: str, *, allow_attempts: bool = False
+) -> SweepOutcome:
+    """Read every offline run file of a finished sweep."""
     runs: dict[str, RunFile] = {}
+    attempts: dict[str, list[RunFile]] = {}
     aborted: list[RunFile] = []
-    for path in find_run_files(storage / name):
+    # W&B names each attempt's directory by its start time, but not in an
+    # order that sorts chronologically (a same-second restart gets "-1"):
+    # order by when each file was last written.
+    paths = sorted(
+        find_run_files(storage / name), key=lambda p: Path(p).stat().st_mtime
+    )
+    for path in paths:
         run = read_run(path)
         if not run.run_id:
             aborted.append(run)
             continue
-        assert run.run_id not in runs, f"two run files for {run.run_id}"
+        assert allow_attempts or run.run_id not in runs, (
+            f"two run files for {run.run_id}"
+        )
         runs[run.run_id] = run
-    return SweepOutcome(results=results, runs=runs, storage=storage, aborted=aborted)
+        attempts.setdefault(run.run_id, []).append(run)
+    return SweepOutcome(
+        results=results, runs=runs, storage=storage, aborted=aborted, attempts=attempts
+    )
 
 
 def tune_iterations(result: Any) -> list[int]:

@@ -354,13 +354,13 @@ def test_the_callback_tunes_on_when_w_and_b_is_unreachable(sweep, caplog):
 
 
 def test_with_the_callback_strict_stops_the_experiment(sweep):
-    from tests.test_lifecycle import UNREACHABLE
+    from tests.test_lifecycle import UNREACHABLE, UNREACHABLE_ERROR
 
     def fn(config):
         report({"i": 0})
 
     callback = WandbLoggerCallback(project="outage", strict=True, **UNREACHABLE)
-    with pytest.raises(Exception, match="127.0.0.1:9"):
+    with pytest.raises(Exception, match=UNREACHABLE_ERROR):
         sweep(fn, callbacks=[callback])
 
 

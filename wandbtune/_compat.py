@@ -298,6 +298,32 @@ def wandb_use_key(key: str) -> None:
     wandb.setup(settings=wandb.Settings(api_key=key))
 
 
+def wandb_kill_service() -> bool:
+    """Kill this process's W&B service (its child process); True if done.
+
+    For a service that does not exit when asked (wandb 0.19 waits for network
+    retries that never end while W&B is unreachable).
+    """
+    import sys
+
+    setup = getattr(sys.modules.get("wandb.sdk.wandb_setup"), "_singleton", None)
+    connection = getattr(setup, "_connection", None)
+    service = getattr(connection, "_proc", None)
+    # The service's Popen: ``_internal_proc`` on wandb 0.19, ``_process`` on
+    # newer wandb.
+    process = getattr(service, "_internal_proc", None) or getattr(
+        service, "_process", None
+    )
+    kill = getattr(process, "kill", None)
+    if not callable(kill):
+        return False
+    try:
+        kill()
+    except OSError:
+        return False
+    return True
+
+
 def wandb_current_step(run: Any) -> Optional[int]:
     """W&B's current step for ``run`` without a round trip to its service.
 
@@ -305,6 +331,8 @@ def wandb_current_step(run: Any) -> Optional[int]:
     ``run.log`` itself compares against.
     """
     step = getattr(run, "_local_step", None)
+    if not isinstance(step, int):
+        step = getattr(run, "_step", None)  # wandb 0.19 keeps it here
     return step if isinstance(step, int) else None
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -103,6 +104,13 @@ INIT_TIMEOUT_S = 15.0
 #: How long finishing a run waits for uploads (W&B's default: forever). What is
 #: not uploaded by then stays on disk for ``wandb sync``.
 FINISH_TIMEOUT_S = 120.0
+#: How long the end of a trial waits for W&B's service to write what it holds
+#: and exit (offline: well under a second; online, run.finish has already
+#: waited for the uploads).
+TEARDOWN_TIMEOUT_S = 30.0
+#: The same, after W&B could not start a run: nothing is pending then, and a
+#: service left retrying is stopped.
+OUTAGE_TEARDOWN_S = 3.0
 
 
 def _wandb_settings(user: Any, api_key: str | None) -> Any:
@@ -140,6 +148,10 @@ def start_or_warn(settings: Settings, **trial: Any) -> TrialRun | None:
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001 - a W&B outage never stops training
+        if _compat.wandb_open_runs() == 0:
+            # Nothing to write, and a service that cannot reach W&B may go on
+            # retrying (using CPU, or holding the trial at its end): stop it.
+            flush_wandb(OUTAGE_TEARDOWN_S, warn=False)
         if settings.strict:
             raise
         logger.warning(
@@ -163,6 +175,9 @@ class TrialRun:
         self._sent_config: dict[str, Any] = {}
         self._warned: set[str] = set()
         self._finished = False
+        # A retried or restored trial resumes its run: rows up to here were
+        # logged by an earlier attempt, and W&B would drop them if sent again.
+        self._logged_up_to = logged_by_earlier_attempts(run)
         try:
             # Charts use Tune's iteration as their x-axis, and rows the user
             # logs without it get the last reported one (step_sync).
@@ -203,6 +218,8 @@ class TrialRun:
             if self.settings.log_config and isinstance(result.get("config"), Mapping):
                 config.update(run_config(result["config"], self.settings.excludes))
             self._update_config(config)
+            if self._repeats_an_earlier_attempt(row.get(TRAINING_ITERATION)):
+                return
             step = self._step_for(row.get(TRAINING_ITERATION))
         except Exception as exc:  # noqa: BLE001 - logging never stops training
             self._warn_once("log", f"a result was not logged to W&B: {exc!r}")
@@ -228,6 +245,24 @@ class TrialRun:
         if changed:
             self.run.config.update(changed, allow_val_change=True)
             self._sent_config.update(changed)
+
+    def _repeats_an_earlier_attempt(self, iteration: Any) -> bool:
+        """True for a row an earlier attempt of this trial already logged.
+
+        After a retry or ``Tuner.restore`` the trial goes on from its last
+        checkpoint, so Tune reports again the iterations after it. The rows
+        of the first attempt are kept; the repeats are not logged again.
+        """
+        done = self._logged_up_to
+        if done is None or not isinstance(iteration, int) or iteration > done:
+            return False
+        self._warn_once(
+            "repeat",
+            f"this trial's earlier attempt logged iterations up to {done} to this "
+            f"run; the restored trial reports some of them again (from "
+            f"{iteration}), which are not logged twice.",
+        )
+        return True
 
     def _step_for(self, iteration: Any) -> int | None:
         """W&B's step for a row: Tune's iteration, unless W&B would drop it.
@@ -270,24 +305,94 @@ class TrialRun:
             logger.warning("wandbtune: %s", message)
 
 
+def logged_by_earlier_attempts(run: Any) -> int | None:
+    """The last ``training_iteration`` that earlier attempts of this trial
+    logged to ``run`` (same id), or None if none did; never raises.
+
+    Online, W&B resumes the run and restores its summary. Offline, each
+    attempt writes its own ``offline-run-*-<id>`` directory (``wandb sync``
+    joins them into one run): those beside this one are read.
+    """
+    try:
+        if getattr(run, "resumed", False):
+            value = run.summary.get(TRAINING_ITERATION)
+            return int(value) if isinstance(value, (int, float)) else None
+        if not getattr(getattr(run, "settings", None), "_offline", False):
+            return None
+        return _last_iteration_beside(run)
+    except Exception as exc:  # noqa: BLE001 - a guess, never a failure
+        logger.debug("wandbtune: earlier attempts not read: %r", exc)
+        return None
+
+
+def _last_iteration_beside(run: Any) -> int | None:
+    from pathlib import Path
+
+    from wandbtune.testing import read_records
+
+    own = Path(run.dir).parent  # .../wandb/offline-run-<time>-<id>/files
+    last: int | None = None
+    for path in own.parent.glob(f"offline-run-*-{run.id}*/run-{run.id}.wandb"):
+        if path.parent == own:
+            continue
+        try:
+            for record in read_records(path):
+                if record.WhichOneof("record_type") != "history":
+                    continue
+                for item in record.history.item:
+                    key = item.key or "/".join(item.nested_key)
+                    if key == TRAINING_ITERATION:
+                        value = int(float(item.value_json))
+                        last = value if last is None else max(last, value)
+        except ValueError:  # a file cut short by a killed worker: what was read
+            continue
+    return last
+
+
 def _plain(row: Mapping[str, Any]) -> dict[str, Any]:
     plain = (bool, int, float, str, type(None))
     return {k: v if isinstance(v, plain) else str(v)[:1000] for k, v in row.items()}
 
 
-def flush_wandb() -> None:
+def flush_wandb(timeout: float | None = None, *, warn: bool = True) -> None:
     """Wait until W&B's service has written everything, then stop it.
 
     ``run.finish()`` returns before an offline run's file is complete, and Ray
     kills a worker's child processes (W&B's service among them) when the
     worker exits: without this, a stopped trial's run file can stay empty.
+
+    Never waits longer than ``timeout`` (TEARDOWN_TIMEOUT_S): a service that
+    cannot reach W&B's servers may retry for ever (wandb 0.19 does), and
+    training must not wait for it. Past the timeout the service is stopped;
+    what it had written stays on disk for ``wandb sync``.
     """
     import sys
 
     wandb = sys.modules.get("wandb")
     if wandb is None:
         return
-    try:
-        wandb.teardown()
-    except Exception as exc:  # noqa: BLE001
-        logger.warning("wandbtune: W&B did not shut down cleanly: %r", exc)
+    limit = TEARDOWN_TIMEOUT_S if timeout is None else timeout
+    errors: list[BaseException] = []
+
+    def teardown() -> None:
+        try:
+            wandb.teardown()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=teardown, name="wandbtune-teardown", daemon=True)
+    thread.start()
+    thread.join(limit)
+    if thread.is_alive():
+        stopped = _compat.wandb_kill_service()
+        thread.join(5.0)
+        if not warn:
+            return
+        logger.warning(
+            "wandbtune: W&B's service did not shut down within %.0f s (are W&B's "
+            "servers reachable?); %s. What it wrote is on disk for `wandb sync`.",
+            limit,
+            "it was stopped" if stopped else "it is left to exit on its own",
+        )
+    elif errors and warn:
+        logger.warning("wandbtune: W&B did not shut down cleanly: %r", errors[0])

@@ -35,13 +35,16 @@ def _checksum(chunk_type: int, data: bytes) -> int:
 def read_records(path: str | os.PathLike[str]) -> Iterator[Any]:
     """Yield every ``Record`` in an offline run file, checking each checksum.
 
-    Raises ``ValueError`` on a bad header or a corrupt chunk. A record cut off
+    An empty file (W&B's service stopped before it wrote the header) has no
+    records. Raises ``ValueError`` on a bad header or a corrupt chunk. A record cut off
     at the end of the file (a run still being written) is not yielded.
     """
     from wandb.proto import wandb_internal_pb2
 
     with open(path, "rb") as fh:
         data = fh.read()
+    if not data:  # W&B's service was stopped before it wrote anything
+        return
     if len(data) < _HEADER.size:
         raise ValueError(f"{path}: {len(data)} bytes, no W&B header")
     ident, magic, _version = _HEADER.unpack_from(data)
