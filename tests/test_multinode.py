@@ -1,0 +1,86 @@
+"""Trials on other nodes: a simulated cluster (``ray.cluster_utils.Cluster``)
+with a head that runs no trials and two worker nodes.
+
+The API key given to the decorator reaches the trials on the worker nodes
+(in the pickled trainable, through Ray, not through the experiment's
+storage), and each of them logs a complete run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from ray import tune
+
+from tests.conftest import ROOT
+from tests.helpers import run_sweep
+from tests.raycompat import report
+from wandbtune import wandb_trainable
+
+KEY = "wbtune0node" + "5" * 29  # 40 characters, like a real key
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Any:
+    import os
+    import sys
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1)
+    ray.init(
+        address=cluster.address,
+        log_to_driver=False,
+        runtime_env={
+            "env_vars": {"PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path[:1]])}
+        },
+    )
+    cluster.wait_for_nodes()
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def test_trials_on_worker_nodes_get_the_key_and_log_complete_runs(cluster, tmp_path):
+    import ray
+
+    head = cluster.head_node.node_id
+
+    @wandb_trainable(project="nodes", api_key=KEY)
+    def on_a_node(config):
+        import ray
+
+        from wandbtune import _mixin
+
+        run = _mixin.active_run()
+        for i in range(3):
+            report(
+                {
+                    "i": i,
+                    "node": ray.get_runtime_context().get_node_id(),
+                    "has_key": run is not None and run.settings.read_api_key() == KEY,
+                }
+            )
+
+    out = run_sweep(on_a_node, {"n": tune.grid_search([0, 1])}, tmp_path)
+    assert len(out.runs) == 2
+    nodes = set()
+    for run in out.runs.values():
+        assert run.column("i") == [0, 1, 2] and run.exit_code == 0
+        assert run.column("has_key") == [True] * 3
+        nodes.update(run.column("node"))
+    assert head not in nodes and len(nodes) == 2  # one trial on each worker node
+    assert ray.is_initialized()
+
+    leaked = [
+        str(path)
+        for path in tmp_path.rglob("*")
+        if path.is_file() and KEY.encode() in path.read_bytes()
+    ]
+    assert leaked == []
