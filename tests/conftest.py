@@ -37,6 +37,16 @@ def ray_session() -> Any:
     importable on its workers)."""
     import ray
 
+    start_ray()
+    yield ray
+    ray.shutdown()
+
+
+def start_ray() -> None:
+    """(Re)start the suite's small local Ray; its processes take this
+    process's environment as it is now."""
+    import ray
+
     if ray.is_initialized():
         ray.shutdown()
     ray.init(
@@ -47,8 +57,6 @@ def ray_session() -> Any:
             "env_vars": {"PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path[:1]])}
         },
     )
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture

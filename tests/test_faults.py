@@ -15,8 +15,10 @@ import signal
 import tempfile
 from pathlib import Path
 
+import pytest
 from ray import tune
 
+from tests.conftest import start_ray
 from tests.helpers import read_sweep, tune_iterations
 from tests.raycompat import Checkpoint, FailureConfig, RunConfig, get_checkpoint, report
 from wandbtune import wandb_trainable
@@ -118,7 +120,27 @@ class _KillAt(tune.Callback):
             os.kill(result["pid"], signal.SIGKILL)
 
 
-def test_a_killed_worker_loses_only_what_w_and_b_had_not_written(ray_session, tmp_path):
+@pytest.fixture(params=["", "driver-run"])
+def driver_service(request, ray_session, tmp_path):
+    """With "driver-run": the user has a W&B run open in the driver when Ray
+    starts, so every Ray worker inherits that W&B service's token."""
+    if not request.param:
+        yield
+        return
+    import wandb
+
+    mine = wandb.init(project="mine", dir=str(tmp_path), mode="offline")
+    assert os.environ.get("WANDB_SERVICE")
+    start_ray()
+    try:
+        yield
+    finally:
+        mine.finish()
+
+
+def test_a_killed_worker_loses_only_what_w_and_b_had_not_written(
+    driver_service, tmp_path
+):
     # W&B's service is a child of the trial's process and dies with it; it
     # writes the run file in 32 KiB blocks, so what it still held is lost (for
     # a small run, everything). What it wrote stays readable, the retried
@@ -144,6 +166,8 @@ def test_a_killed_worker_loses_only_what_w_and_b_had_not_written(ray_session, tm
     assert killer.killed is not None and result.error is None
 
     out = read_sweep(results, storage, "killed", allow_attempts=True)
+    files = {p.name: p.stat().st_size for p in storage.rglob("run-*.wandb")}
+    assert len(out.attempts) == 1, (files, [len(r.rows) for r in out.aborted])
     ((_, attempts),) = out.attempts.items()
     killed_files = [run for run in out.aborted] + attempts[:-1]
     assert killed_files, "the killed attempt left no run file"

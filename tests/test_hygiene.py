@@ -34,6 +34,8 @@ def ray_session() -> Any:
     if ray.is_initialized():
         ray.shutdown()
     silent = os.environ.pop("WANDB_SILENT", None)  # Ray's processes inherit this
+    if "wandb" in sys.modules:  # W&B read WANDB_SILENT in this process before:
+        sys.modules["wandb"].teardown()  # make it read the environment again
     ray.init(
         num_cpus=2,
         include_dashboard=False,
@@ -93,8 +95,7 @@ def _snapshot() -> dict[str, Any]:
 def test_nothing_is_left_behind_after_fit(ray_session, tmp_path):
     # A bare sweep first: Ray's own threads, sockets and idle workers settle.
     run_sweep(_plain, {}, tmp_path / "warmup")
-    before = _snapshot()
-    assert before["wandb"] == []
+    before = _snapshot()  # W&B services of earlier tests' own runs may be here
 
     decorated = wandb_trainable(project="leaks")(_plain)
     out = run_sweep(decorated, {"n": tune.grid_search([0, 1])}, tmp_path / "deco")
@@ -109,7 +110,8 @@ def test_nothing_is_left_behind_after_fit(ray_session, tmp_path):
     after_callback = _snapshot()
 
     for after in (after_decorator, after_callback):
-        assert after["wandb"] == []  # no W&B service, on the driver or a worker
+        # no new W&B service, in the driver or below it (Ray's workers)
+        assert set(after["wandb"]) <= set(before["wandb"]), after["wandb"]
         assert after["threads"] == before["threads"]
         assert after["fds"] <= before["fds"]
 

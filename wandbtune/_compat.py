@@ -298,6 +298,23 @@ def wandb_use_key(key: str) -> None:
     wandb.setup(settings=wandb.Settings(api_key=key))
 
 
+def wandb_own_service() -> None:
+    """Have this trial process start its own W&B service.
+
+    A W&B service running in the driver when ``ray.init()`` was called (the
+    user's own run there) passes its token, ``WANDB_SERVICE``, to every Ray
+    worker. A trial using it would outlive its own process there: the run of a
+    killed trial stays open in the driver's service, and the retried attempt,
+    with the same run id, gets no run. Forget an inherited token before W&B is
+    first set up in this process.
+    """
+    import os
+    import sys
+
+    if getattr(sys.modules.get("wandb.sdk.wandb_setup"), "_singleton", None) is None:
+        os.environ.pop("WANDB_SERVICE", None)
+
+
 def wandb_kill_service() -> bool:
     """Kill this process's W&B service (its child process); True if done.
 

@@ -88,7 +88,9 @@ def start_run(
         _compat.wandb_use_key(key)
     if not exclusive:
         kwargs["reinit"] = "create_new"
-    elif wandb.run is not None:
+    else:
+        _compat.wandb_own_service()
+    if exclusive and wandb.run is not None:
         # A run left open in this process (by user code or an earlier trial
         # that was never cleaned up) would otherwise swallow this trial's rows.
         wandb.run.finish()
