@@ -172,16 +172,18 @@ class Settings:
             init_kwargs={**self.init_kwargs, **given.init_kwargs},
         )
 
-    def check_trial_config(self, trial_config: Mapping[str, Any]) -> None:
+    def check_trial_config(self, trial_config: Mapping[str, Any]) -> Settings:
         """On the driver, as Tune creates a trial: raise for a bad
         ``config["wandb"]`` before any trial starts, and warn once about an
-        API key in it (Tune writes the trial config to its result files)."""
+        API key in it (Tune writes the trial config to its result files).
+        Returns the trial's settings (``merged``)."""
         overrides = trial_config.get(CONFIG_KEY) if trial_config else None
         if isinstance(overrides, Mapping) and overrides.get("api_key"):
             _warn_key_in_config()
         merged = self.merged(trial_config)
         if merged is not self:
             merged.check_init_kwargs(f'config["{CONFIG_KEY}"]')
+        return merged
 
     def check_init_kwargs(self, where: str) -> None:
         """Name a misspelt ``wandb.init`` argument now, not in every trial."""

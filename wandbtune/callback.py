@@ -85,8 +85,7 @@ class WandbLoggerCallback(LoggerCallback):  # type: ignore[misc]
                 trial,
             )
             return
-        self._settings.check_trial_config(trial.config)
-        settings = self._settings.merged(trial.config)
+        settings = self._settings.check_trial_config(trial.config)
         storage = getattr(trial, "storage", None)
         # Bad settings raise here, on the driver, before every trial fails.
         run = start_or_warn(
