@@ -60,7 +60,8 @@ def _plain(config):
 
 
 def _descendants(pid: int) -> list[tuple[int, str]]:
-    """(pid, command line) of every process below ``pid``, from /proc."""
+    """(pid, name and command line) of every process below ``pid``, from /proc
+    (the name too: an exiting process has an empty command line)."""
     children: dict[int, list[int]] = {}
     commands: dict[int, str] = {}
     for entry in Path("/proc").iterdir():
@@ -68,12 +69,13 @@ def _descendants(pid: int) -> list[tuple[int, str]]:
             continue
         try:
             stat = (entry / "stat").read_text()
+            name = (entry / "comm").read_text().strip()
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
         except OSError:
             continue
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
         children.setdefault(ppid, []).append(int(entry.name))
-        commands[int(entry.name)] = cmdline.decode(errors="replace")
+        commands[int(entry.name)] = f"{name}: {cmdline.decode(errors='replace')}"
     found, todo = [], [pid]
     while todo:
         for child in children.get(todo.pop(), []):
@@ -87,7 +89,9 @@ def _snapshot() -> dict[str, Any]:
         "threads": sorted(t.name for t in threading.enumerate()),
         "fds": len(os.listdir("/proc/self/fd")),
         "wandb": [
-            cmd for _, cmd in _descendants(os.getpid()) if "wandb" in cmd.split()[0]
+            cmd
+            for _, cmd in _descendants(os.getpid())
+            if "wandb" in cmd.split(":")[0] or "gpu_stats" in cmd.split(":")[0]
         ],
     }
 
