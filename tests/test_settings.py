@@ -117,3 +117,12 @@ def test_a_rejected_value_is_logged_as_text_with_the_rest_of_the_row(tmp_path):
     (path,) = find_run_files(tmp_path)
     (row,) = read_run(path).rows
     assert row["loss"] == 0.5 and row["bad"] == "broken-value"
+
+
+def test_w_and_b_gets_bounded_time_to_start_a_run_unless_the_user_chose(monkeypatch):
+    from wandbtune._run import INIT_TIMEOUT_S, _wandb_settings
+
+    monkeypatch.delenv("WANDB_INIT_TIMEOUT", raising=False)
+    assert INIT_TIMEOUT_S == 15.0  # W&B's own default is 90 s, for every trial
+    assert _wandb_settings(None, None).init_timeout == INIT_TIMEOUT_S
+    assert _wandb_settings({"init_timeout": 40}, None).init_timeout == 40
