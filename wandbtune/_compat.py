@@ -55,7 +55,9 @@ def check_versions(ray_version: str, wandb_version: Optional[str]) -> None:
     installed = f"ray {ray_version}, wandb {wandb_version or '(not installed)'}"
     problems = []
     if wandb_version is None:
-        problems.append('wandb is not installed: pip install "wandb>=0.19.10"')
+        problems.append(
+            f'wandb is not installed: pip install "wandb>={_dotted(WANDB_MIN)}"'
+        )
     elif _release(wandb_version) < WANDB_MIN:
         problems.append(f'pip install "wandb>={_dotted(WANDB_MIN)}"')
     if _release(ray_version) < RAY_MIN:
@@ -271,6 +273,13 @@ def experiment_name(storage: Any) -> Optional[str]:
 # --- W&B private API -------------------------------------------------------------
 
 
+def _wandb_setup() -> Any:
+    """W&B's process-wide setup object, None before W&B is set up here."""
+    import sys
+
+    return getattr(sys.modules.get("wandb.sdk.wandb_setup"), "_singleton", None)
+
+
 def wandb_has_setting(name: str) -> bool:
     """True if this wandb's ``Settings`` has the field ``name``."""
     import wandb
@@ -309,9 +318,8 @@ def wandb_own_service() -> None:
     first set up in this process.
     """
     import os
-    import sys
 
-    if getattr(sys.modules.get("wandb.sdk.wandb_setup"), "_singleton", None) is None:
+    if _wandb_setup() is None:
         os.environ.pop("WANDB_SERVICE", None)
 
 
@@ -321,9 +329,8 @@ def wandb_kill_service() -> bool:
     For a service that does not exit when asked (wandb 0.19 waits for network
     retries that never end while W&B is unreachable).
     """
-    import sys
 
-    setup = getattr(sys.modules.get("wandb.sdk.wandb_setup"), "_singleton", None)
+    setup = _wandb_setup()
     connection = getattr(setup, "_connection", None)
     service = getattr(connection, "_proc", None)
     # The service's Popen: ``_internal_proc`` on wandb 0.19, ``_process`` on
@@ -368,8 +375,7 @@ def wandb_open_runs() -> Optional[int]:
     ``wandb.run`` misses runs made with ``reinit="create_new"``; W&B's setup
     singleton tracks them all.
     """
-    import sys
 
-    setup = getattr(sys.modules.get("wandb.sdk.wandb_setup"), "_singleton", None)
+    setup = _wandb_setup()
     runs = getattr(setup, "_active_runs", None)
     return len(runs) if isinstance(runs, list) else None
