@@ -147,6 +147,11 @@ def test_a_killed_worker_loses_only_what_w_and_b_had_not_written(
     # attempt continues the run, and nothing is sent twice.
     @wandb_trainable(project="faults")
     def steady(config):
+        import wandb
+
+        # The run starts in the background; touching it waits until it has
+        # started, so the worker is killed with a run open.
+        assert wandb.run is not None
         for i in range(1, 31):
             report({"score": i * 10})
 

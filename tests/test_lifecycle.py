@@ -104,6 +104,31 @@ def test_reused_actors_give_each_trial_its_own_complete_run(sweep):
         assert run.exit_code == 0
 
 
+def test_user_code_sees_its_own_trials_run_from_its_first_line(sweep):
+    # The run starts in the background while the function runs; code that
+    # touches wandb waits for it. With a reused actor, the previous trial's
+    # run is finished by then and must not be the one seen.
+    @wandb_trainable(project="first-line")
+    def first_line(config):
+        import wandb
+
+        run_id = wandb.run.id if wandb.run is not None else None
+        wandb.log({"own": config["n"]}, commit=False)  # needs the run too
+        report({"n": config["n"], "seen": run_id})
+
+    out = sweep(
+        first_line,
+        {"n": tune.grid_search([0, 1, 2])},
+        tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=1),
+    )
+    assert len(out.runs) == 3
+    for result in out.results:
+        run = out.run_for(result)
+        assert run.column("seen") == [result.metrics["trial_id"]]
+        assert run.run_id == result.metrics["trial_id"]
+        assert run.column("own") == [result.config["n"]]  # before report: step 0
+
+
 def test_a_trial_stopped_while_its_function_blocks_is_flushed(sweep):
     # The function is blocked in report() when Tune stops the actor; the run
     # must still be on disk, complete, when the worker process is gone.

@@ -129,6 +129,14 @@ def world_rank() -> Optional[int]:
         return None
 
 
+def is_function_trainable(trainable: Any) -> bool:
+    """True for the actor of a Tune function trainable (its function runs in
+    a thread of its own), False for a ``tune.Trainable`` subclass."""
+    from ray.tune.trainable import FunctionTrainable
+
+    return isinstance(trainable, FunctionTrainable)
+
+
 def in_tune_function_trial() -> bool:
     """True inside a Tune function trainable (not a Ray Train worker)."""
     session = get_session()

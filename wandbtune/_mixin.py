@@ -11,29 +11,122 @@ scheduler stops a trial while its function is blocked in ``report``.
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, ClassVar, Optional
 
 from wandbtune import _compat
-from wandbtune._run import TrialRun, flush_wandb, start_or_warn
+from wandbtune._run import (
+    INIT_TIMEOUT_S,
+    TEARDOWN_TIMEOUT_S,
+    TrialRun,
+    flush_wandb,
+    init_kwargs,
+    start_or_warn,
+)
 from wandbtune._settings import Settings
+from wandbtune._worker import Gate, Worker
 
-# One trial runs in a Tune actor at a time; this is its run (None if W&B could
-# not start one), and whether the mixin is set up for it.
-_active: Optional[TrialRun] = None
-_instrumented = False
-_active_lock = threading.Lock()
+logger = logging.getLogger("wandbtune")
+
+#: The thread that does this process's W&B work (see ``_worker``).
+_worker = Worker()
+
+#: How long user code waits for W&B at most: for a run to start, or for the
+#: rows before it to be logged, before it goes on without W&B.
+_WAIT_S = INIT_TIMEOUT_S + 15.0
+#: How long the end of a trial waits for its run to be finished and written.
+_END_WAIT_S = INIT_TIMEOUT_S + TEARDOWN_TIMEOUT_S + 15.0
 
 #: How long cleanup waits for a stopped trial's function to unwind (Tune kills
 #: actors that take more than 5 s to stop at the end of an experiment).
 _THREAD_JOIN_S = 0.5
 
 
+class _Trial:
+    """One trial's W&B run, as the trial's threads and the W&B thread share it.
+
+    The W&B thread starts the run, logs rows and finishes it; the trial's
+    threads only submit that work (``_worker``), and wait for it where user
+    code could otherwise see a run that is behind Tune.
+    """
+
+    def __init__(self, settings: Settings, trial: dict[str, Any], gate: Gate) -> None:
+        self.settings = settings
+        self.trial = trial
+        self.gate = gate
+        self.run: Optional[TrialRun] = None
+        self.error: Optional[BaseException] = None
+        self.started = threading.Event()
+        self.failed = False
+
+    # --- in the W&B thread ----------------------------------------------------
+
+    def start(self) -> None:
+        try:
+            import wandb  # noqa: F401 - imported here, off the trial's threads
+
+            self.gate.install()
+            self.run = start_or_warn(self.settings, **self.trial)
+        except BaseException as exc:  # noqa: BLE001 - raised in the trial's thread
+            self.error = exc
+        finally:
+            self.started.set()
+
+    def log_result(self, result: Mapping[str, Any]) -> None:
+        if self.run is not None:
+            self.run.log_result(result)
+
+    def log_checkpoint(self, checkpoint: Any, iteration: Any) -> None:
+        if self.run is not None:
+            self.run.log_checkpoint(checkpoint, iteration)
+
+    def finish(self, failed: bool, flush: bool) -> None:
+        self.gate.remove()
+        if self.error is not None:  # the trial ended before it could be raised
+            logger.error("wandbtune: this trial's W&B run failed: %r", self.error)
+        if self.run is not None:
+            self.run.finish(failed=failed or self.failed, flush=flush)
+        elif flush:
+            flush_wandb()
+
+    # --- in the trial's threads -----------------------------------------------
+
+    def wait(self, what: str, timeout: float = _WAIT_S) -> None:
+        """Wait until the W&B thread has done everything submitted so far."""
+        if not _worker.wait_idle(timeout):
+            logger.warning(
+                "wandbtune: W&B did not %s within %.0f s; the trial goes on "
+                "without waiting for it.",
+                what,
+                timeout,
+            )
+
+    def raise_start_error(self) -> None:
+        """Fail the trial if its run could not start and that must fail it
+        (bad settings, or ``strict=True``)."""
+        error, self.error = self.error, None
+        if error is not None:
+            raise error
+
+
+# One trial runs in a Tune actor at a time; this is it (None between trials),
+# and whether the mixin is set up for it.
+_active: Optional[_Trial] = None
+_instrumented = False
+_active_lock = threading.Lock()
+
+
 def active_run() -> Optional[TrialRun]:
-    """The W&B run of the trial running in this process, if instrumented."""
-    return _active
+    """The W&B run of the trial running in this process, if instrumented;
+    waits for it to start."""
+    trial = _active
+    if trial is None:
+        return None
+    trial.wait("start this trial's run")
+    return trial.run
 
 
 def instrumented() -> bool:
@@ -46,7 +139,7 @@ class WandbTrainableMixin:
     """Instruments a Tune function trainable's actor; see module docstring."""
 
     _wandbtune_settings: ClassVar[Settings] = Settings()
-    _wandbtune_run: Optional[TrialRun] = None
+    _wandbtune_trial: Optional[_Trial] = None
 
     # --- on the driver -------------------------------------------------------
     # Tune asks a trainable class for each new trial's resources on the driver,
@@ -74,30 +167,50 @@ class WandbTrainableMixin:
         self._wandbtune_start(config)
 
     def train(self) -> dict[str, Any]:
+        trial = self._wandbtune_trial
+        if trial is not None:
+            self._wandbtune_before_user_code(trial)
         try:
             result: dict[str, Any] = super().train()  # type: ignore[misc]
         except BaseException:
             # The trial is over: finish and flush now, before Tune hears of
             # it. At the end of an experiment Tune gives stopping actors 5 s
             # before it kills them, which a loaded machine can exceed.
-            self._wandbtune_end(failed=True, flush=True)
+            self._wandbtune_end(failed=True, flush=True, wait=True)
             raise
-        if self._wandbtune_run is not None:
-            self._wandbtune_run.log_result(result)
+        if trial is not None:
+            # Logged in the W&B thread while Tune handles the result; the
+            # next train() waits for it before the function runs on.
+            _worker.submit(trial.log_result, result)
             if _compat.RESULT_DUPLICATE in result:
                 # The function returned: its last result was the one before.
-                self._wandbtune_end(failed=False, flush=True)
+                # Finish and write the run now, without holding up Tune.
+                self._wandbtune_end(failed=False, flush=True, wait=False)
         return result
+
+    def _wandbtune_before_user_code(self, trial: _Trial) -> None:
+        """Called before train() lets user code run on (the function resumes
+        from its last report, or a class's step() runs)."""
+        if not trial.started.is_set():
+            return  # still starting: user code touching wandb waits (Gate)
+        trial.gate.remove()
+        # What user code logs itself lines up with the last reported row
+        # only if that row has reached W&B: usually done long ago.
+        trial.wait("log the trial's last result")
+        trial.raise_start_error()
 
     def save(self, *args: Any, **kwargs: Any) -> Any:
         # Tune persists a checkpoint through save() for function and class
         # trainables alike; the result holds it and its training_iteration.
         with self._wandbtune_failing():
             saved = super().save(*args, **kwargs)  # type: ignore[misc]
-        if self._wandbtune_run is not None:
+        trial = self._wandbtune_trial
+        if trial is not None:
             metrics = getattr(saved, "metrics", None) or {}
-            self._wandbtune_run.log_checkpoint(
-                getattr(saved, "checkpoint", None), metrics.get("training_iteration")
+            _worker.submit(
+                trial.log_checkpoint,
+                getattr(saved, "checkpoint", None),
+                metrics.get("training_iteration"),
             )
         return saved
 
@@ -111,8 +224,8 @@ class WandbTrainableMixin:
         try:
             yield
         except BaseException:
-            if self._wandbtune_run is not None:
-                self._wandbtune_run.failed = True
+            if self._wandbtune_trial is not None:
+                self._wandbtune_trial.failed = True
             raise
 
     def cleanup(self) -> None:
@@ -129,14 +242,14 @@ class WandbTrainableMixin:
                 # and unwinds now; let it, so what it logs on the way out and
                 # the restore of ray.train's API happen before we finish.
                 thread.join(timeout=_THREAD_JOIN_S)
-            self._wandbtune_end(failed=failed, flush=True)
+            self._wandbtune_end(failed=failed, flush=True, wait=True)
 
     def reset_config(self, new_config: dict[str, Any]) -> bool:
         # reuse_actors: the previous trial is over, a new one starts here.
         try:
             ok: bool = super().reset_config(new_config)  # type: ignore[misc]
         finally:
-            self._wandbtune_end(failed=False, flush=False)
+            self._wandbtune_end(failed=False, flush=False, wait=False)
         if ok:
             self._wandbtune_start(new_config)
         return ok
@@ -145,31 +258,55 @@ class WandbTrainableMixin:
         global _active, _instrumented
         settings = self._wandbtune_settings.merged(config)
         storage = _compat.trainable_storage(self)
-        run = start_or_warn(
-            settings,
+        trial: dict[str, Any] = dict(
             trial_id=getattr(self, "trial_id", None),
             trial_name=getattr(self, "trial_name", None),
             experiment=_compat.experiment_name(storage),
             config=config,
             dir=_compat.storage_trial_dir(storage),
         )
+        init_kwargs(settings, **trial)  # bad settings raise here, in setup()
+        function = _compat.is_function_trainable(self)
+        # A class's setup() and step() run in this thread; the function of a
+        # function trainable in its own, which is the one to hold back.
+        gate = Gate(_worker, _compat.training_thread if function else _nobody, _WAIT_S)
+        state = _Trial(settings, trial, gate)
+        gate.install()  # if wandb is imported already; else start() does it
+        _worker.submit(state.start)
         with _active_lock:
-            self._wandbtune_run = _active = run
+            self._wandbtune_trial = _active = state
             _instrumented = True
+        if not function or settings.strict:
+            # A class's step() runs in this thread, right after; and with
+            # strict=True no user code runs unless the run has started.
+            state.wait("start this trial's run")
+            gate.remove()
+            state.raise_start_error()
 
-    def _wandbtune_end(self, *, failed: bool, flush: bool) -> None:
+    def _wandbtune_end(self, *, failed: bool, flush: bool, wait: bool) -> None:
         global _active, _instrumented
         with _active_lock:
-            run, self._wandbtune_run = self._wandbtune_run, None
-            if _active is run:
+            trial, self._wandbtune_trial = self._wandbtune_trial, None
+            if _active is trial:
                 _active = None
             _instrumented = False
-        if run is not None:
-            run.finish(failed=failed, flush=flush)
+        if trial is not None:
+            _worker.submit(trial.finish, failed, flush)
         elif flush:
-            # The run was finished earlier (e.g. by a reset_config that could
-            # not reuse this actor): still make sure it is written.
-            flush_wandb()
+            # The run was finished earlier (the function returned, or a
+            # reset_config could not reuse this actor): make sure it is written.
+            _worker.submit(flush_wandb)
+        if wait:
+            if not _worker.wait_idle(_END_WAIT_S):
+                logger.warning(
+                    "wandbtune: W&B did not finish this trial's run within %.0f s; "
+                    "what it wrote is on disk for `wandb sync`.",
+                    _END_WAIT_S,
+                )
+
+
+def _nobody() -> None:
+    return None
 
 
 def _checking(request: Any) -> Any:

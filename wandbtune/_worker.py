@@ -1,0 +1,192 @@
+"""W&B's work for the trials of one process, done in order on one thread.
+
+A decorated trial hands its W&B work (start the run, log each result, finish
+and flush) to this thread, so that the trial's own threads never wait for
+W&B: starting W&B (importing it, starting its service, ``wandb.init``) takes
+about a second per trial process, and each ``run.log`` waits for W&B's own
+I/O thread. Tasks run one at a time in the order they were submitted, so a
+trial's rows reach its run in Tune's order, and a trial reusing the actor
+starts its run only after the previous one is finished.
+
+While a trial's run is starting, its training thread may already run user
+code. Such code can reach for the run through the ``wandb`` module
+(``wandb.run``, ``wandb.log``, an integration calling ``wandb.init``): the
+``wandb`` module is *gated* then, and those names make the training thread
+wait until the run has started and every row before is logged (see
+``Gate``). Other threads and other names never wait.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sys
+import threading
+import types
+from collections.abc import Callable
+from typing import Any, Optional
+
+logger = logging.getLogger("wandbtune")
+
+#: Tasks waiting for the W&B thread before a submitter waits for room: a
+#: bound on memory if W&B falls far behind (each task holds one result).
+MAX_PENDING = 10_000
+
+Task = tuple[Callable[..., Any], tuple[Any, ...]]
+
+
+def _stop() -> None:
+    """The task that ends a Worker's thread."""
+
+
+class Worker:
+    """A daemon thread running submitted callables in order; never raises."""
+
+    def __init__(self, name: str = "wandbtune") -> None:
+        self._name = name
+        self._tasks: queue.Queue[Task] = queue.Queue(MAX_PENDING)
+        self._thread: Optional[threading.Thread] = None
+        self._lock = threading.Lock()
+
+    @property
+    def thread(self) -> Optional[threading.Thread]:
+        return self._thread
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            with self._lock:
+                if self._thread is None or not self._thread.is_alive():
+                    self._thread = threading.Thread(
+                        target=self._loop, name=self._name, daemon=True
+                    )
+                    self._thread.start()
+        self._tasks.put((fn, args))
+
+    def idle(self) -> bool:
+        """True when every submitted task is done."""
+        return self._tasks.unfinished_tasks == 0
+
+    def wait_idle(self, timeout: Optional[float]) -> bool:
+        """Wait until every task submitted so far is done; False on timeout.
+
+        Returns at once on the worker's own thread (a task cannot wait for
+        itself)."""
+        if threading.current_thread() is self._thread:
+            return self.idle()
+        done = self._tasks.all_tasks_done
+        with done:
+            return done.wait_for(lambda: self._tasks.unfinished_tasks == 0, timeout)
+
+    def stop(self, timeout: Optional[float] = None) -> bool:
+        """Let the thread end once the tasks submitted so far are done (a
+        later submit starts a new one); False if it is still running after
+        ``timeout``."""
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            return True
+        self._tasks.put((_stop, ()))
+        thread.join(timeout)
+        return not thread.is_alive()
+
+    def _loop(self) -> None:
+        while True:
+            fn, args = self._tasks.get()
+            if fn is _stop:
+                self._tasks.task_done()
+                return
+            try:
+                fn(*args)
+            except BaseException:  # noqa: BLE001 - the thread serves every trial
+                logger.exception("wandbtune: internal error in the W&B thread")
+            finally:
+                self._tasks.task_done()
+
+
+#: ``wandb`` module attributes through which user code reaches the current run.
+GATED_NAMES = frozenset(
+    {
+        "run",
+        "init",
+        "log",
+        "config",
+        "summary",
+        "finish",
+        "save",
+        "define_metric",
+        "log_artifact",
+        "use_artifact",
+        "log_model",
+        "use_model",
+        "link_model",
+        "watch",
+        "unwatch",
+        "alert",
+        "mark_preempting",
+    }
+)
+
+
+class _GatedModule(types.ModuleType):
+    """The ``wandb`` module's class while a gate is open: see ``Gate``."""
+
+    def __getattribute__(self, name: str) -> Any:
+        if name in GATED_NAMES:
+            gate = _gate
+            if gate is not None:
+                gate.pass_through()
+        # Not super(): the gate may be removed (the class swapped back) by now.
+        return types.ModuleType.__getattribute__(self, name)
+
+
+_gate: Optional[Gate] = None
+
+
+class Gate:
+    """Makes the training thread wait for the run when it touches ``wandb``.
+
+    Installed on the ``wandb`` module (its ``__class__``) while a trial's run
+    starts in the W&B thread; removed when that thread is idle again. Only
+    ``thread_of_user_code()`` waits, and only for the names in GATED_NAMES:
+    W&B's own threads and the W&B thread itself go straight through.
+    """
+
+    def __init__(
+        self,
+        worker: Worker,
+        thread_of_user_code: Callable[[], Optional[threading.Thread]],
+        timeout: float,
+    ) -> None:
+        self._worker = worker
+        self._user_thread = thread_of_user_code
+        self._timeout = timeout
+
+    def install(self) -> None:
+        """Gate the ``wandb`` module, if it is imported (else call again after)."""
+        global _gate
+        wandb = sys.modules.get("wandb")
+        if wandb is None:
+            return
+        _gate = self
+        if type(wandb) is types.ModuleType:
+            wandb.__class__ = _GatedModule
+
+    def pass_through(self) -> None:
+        if threading.current_thread() is not self._user_thread():
+            return
+        if not self._worker.wait_idle(self._timeout):
+            logger.warning(
+                "wandbtune: W&B has not started this trial's run after %.0f s; "
+                "your code goes on without waiting for it.",
+                self._timeout,
+            )
+        self.remove()
+
+    def remove(self) -> None:
+        """Ungate the ``wandb`` module; a no-op if this gate is not on."""
+        global _gate
+        if _gate is not self:
+            return
+        _gate = None
+        wandb = sys.modules.get("wandb")
+        if wandb is not None and type(wandb) is _GatedModule:
+            wandb.__class__ = types.ModuleType  # type: ignore[assignment]
