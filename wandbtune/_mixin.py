@@ -184,8 +184,10 @@ class WandbTrainableMixin:
             _worker.submit(trial.log_result, result)
             if _compat.RESULT_DUPLICATE in result:
                 # The function returned: its last result was the one before.
-                # Finish and write the run now, without holding up Tune.
-                self._wandbtune_end(failed=False, flush=True, wait=False)
+                # Finish the run now, without holding up Tune. W&B's service
+                # writes a finished run out at once; it is kept for a next
+                # trial in this actor (reuse_actors) and shut down in cleanup.
+                self._wandbtune_end(failed=False, flush=False, wait=False)
         return result
 
     def _wandbtune_before_user_code(self, trial: _Trial) -> None:
