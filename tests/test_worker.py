@@ -29,7 +29,6 @@ def test_tasks_run_in_order_and_wait_idle_waits_for_all_of_them():
     release.set()
     assert worker.wait_idle(5)
     assert seen == list(range(100))
-    assert worker.stop(5)
 
 
 def test_a_failing_task_is_logged_and_the_thread_goes_on(caplog):
@@ -40,19 +39,6 @@ def test_a_failing_task_is_logged_and_the_thread_goes_on(caplog):
     assert worker.wait_idle(5)
     assert seen == ["after"]
     assert "internal error in the W&B thread" in caplog.text
-    assert worker.stop(5)
-
-
-def test_stop_ends_the_thread_and_a_later_submit_starts_another():
-    worker = Worker("test-worker")
-    worker.submit(lambda: None)
-    first = worker.thread
-    assert first is not None and worker.stop(5) and not first.is_alive()
-    seen: list[int] = []
-    worker.submit(seen.append, 1)
-    assert worker.wait_idle(5) and seen == [1]
-    assert worker.thread is not first
-    assert worker.stop(5)
 
 
 @pytest.fixture
@@ -96,7 +82,7 @@ def test_the_gate_holds_the_user_thread_until_the_run_has_started(fake_wandb):
     user.join(5)
     assert seen["run"] == "the run"
     assert type(fake_wandb) is types.ModuleType  # ungated after passing
-    assert worker.stop(5)
+    assert worker.wait_idle(5)
 
 
 def test_other_threads_and_other_names_never_wait(fake_wandb):
@@ -113,7 +99,7 @@ def test_other_threads_and_other_names_never_wait(fake_wandb):
     gate.remove()  # idempotent
     assert type(fake_wandb) is types.ModuleType
     release.set()
-    assert worker.stop(5)
+    assert worker.wait_idle(5)
 
 
 def test_the_gate_gives_up_after_its_timeout(fake_wandb, caplog):
@@ -125,4 +111,4 @@ def test_the_gate_gives_up_after_its_timeout(fake_wandb, caplog):
     assert "has not started this trial's run" in caplog.text
     assert type(fake_wandb) is types.ModuleType
     release.set()
-    assert worker.stop(5)
+    assert worker.wait_idle(5)

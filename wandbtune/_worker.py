@@ -35,10 +35,6 @@ MAX_PENDING = 10_000
 Task = tuple[Callable[..., Any], tuple[Any, ...]]
 
 
-def _stop() -> None:
-    """The task that ends a Worker's thread."""
-
-
 class Worker:
     """A daemon thread running submitted callables in order; never raises."""
 
@@ -77,23 +73,9 @@ class Worker:
         with done:
             return done.wait_for(lambda: self._tasks.unfinished_tasks == 0, timeout)
 
-    def stop(self, timeout: Optional[float] = None) -> bool:
-        """Let the thread end once the tasks submitted so far are done (a
-        later submit starts a new one); False if it is still running after
-        ``timeout``."""
-        thread = self._thread
-        if thread is None or not thread.is_alive():
-            return True
-        self._tasks.put((_stop, ()))
-        thread.join(timeout)
-        return not thread.is_alive()
-
     def _loop(self) -> None:
         while True:
             fn, args = self._tasks.get()
-            if fn is _stop:
-                self._tasks.task_done()
-                return
             try:
                 fn(*args)
             except BaseException:  # noqa: BLE001 - the thread serves every trial
