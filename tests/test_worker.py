@@ -112,3 +112,31 @@ def test_the_gate_gives_up_after_its_timeout(fake_wandb, caplog):
     assert type(fake_wandb) is types.ModuleType
     release.set()
     assert worker.wait_idle(5)
+
+
+def test_a_hung_w_and_b_holds_up_the_trial_once_not_at_every_report(
+    monkeypatch, caplog
+):
+    # W&B stops answering mid-run: the W&B thread blocks in a row. The trial
+    # waits for it once (the alignment of users' own rows), then trains on.
+    from wandbtune import _mixin
+    from wandbtune._settings import Settings
+
+    monkeypatch.setattr(_mixin, "_WAIT_S", 0.2)
+    worker = Worker("test-worker")
+    monkeypatch.setattr(_mixin, "_worker", worker)
+    hung = threading.Event()
+    gate = Gate(worker, lambda: None, timeout=0.2)
+    trial = _mixin._Trial(Settings(), {}, gate)
+    trial.started.set()
+    worker.submit(hung.wait)  # a row W&B never takes
+
+    waits = []
+    for _ in range(3):  # three train() calls
+        start = time.monotonic()
+        _mixin.WandbTrainableMixin._wandbtune_before_user_code(None, trial)  # type: ignore[arg-type]
+        waits.append(time.monotonic() - start)
+    hung.set()
+    assert waits[0] >= 0.2
+    assert max(waits[1:]) < 0.1
+    assert caplog.text.count("did not log the trial's last result") == 1

@@ -61,6 +61,9 @@ class _Trial:
         self.error: Optional[BaseException] = None
         self.started = threading.Event()
         self.failed = False
+        #: Whether user code waits for the rows before it (until W&B once
+        #: took longer than _WAIT_S: a hung W&B must not slow every report).
+        self.patient = True
 
     # --- in the W&B thread ----------------------------------------------------
 
@@ -94,15 +97,18 @@ class _Trial:
 
     # --- in the trial's threads -----------------------------------------------
 
-    def wait(self, what: str, timeout: float = _WAIT_S) -> None:
-        """Wait until the W&B thread has done everything submitted so far."""
-        if not _worker.wait_idle(timeout):
-            logger.warning(
-                "wandbtune: W&B did not %s within %.0f s; the trial goes on "
-                "without waiting for it.",
-                what,
-                timeout,
-            )
+    def wait(self, what: str) -> bool:
+        """Wait until the W&B thread has done everything submitted so far;
+        False if it has not within _WAIT_S."""
+        if _worker.wait_idle(_WAIT_S):
+            return True
+        logger.warning(
+            "wandbtune: W&B did not %s within %.0f s; the trial goes on "
+            "without waiting for it.",
+            what,
+            _WAIT_S,
+        )
+        return False
 
     def raise_start_error(self) -> None:
         """Fail the trial if its run could not start and that must fail it
@@ -198,7 +204,8 @@ class WandbTrainableMixin:
         trial.gate.remove()
         # What user code logs itself lines up with the last reported row
         # only if that row has reached W&B: usually done long ago.
-        trial.wait("log the trial's last result")
+        if trial.patient and not trial.wait("log the trial's last result"):
+            trial.patient = False
         trial.raise_start_error()
 
     def save(self, *args: Any, **kwargs: Any) -> Any:
