@@ -44,10 +44,6 @@ class Worker:
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
 
-    @property
-    def thread(self) -> Optional[threading.Thread]:
-        return self._thread
-
     def submit(self, fn: Callable[..., Any], *args: Any) -> None:
         if self._thread is None or not self._thread.is_alive():
             with self._lock:
@@ -127,7 +123,8 @@ class Gate:
     """Makes the training thread wait for the run when it touches ``wandb``.
 
     Installed on the ``wandb`` module (its ``__class__``) while a trial's run
-    starts in the W&B thread; removed when that thread is idle again. Only
+    starts in the W&B thread; removed once user code has passed it, at the
+    trial's first train() after the start, or when the run finishes. Only
     ``thread_of_user_code()`` waits, and only for the names in GATED_NAMES:
     W&B's own threads and the W&B thread itself go straight through.
     """
