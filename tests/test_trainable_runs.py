@@ -295,12 +295,69 @@ def test_setup_wandb_inside_a_decorated_trainable_is_the_trials_run(sweep):
         import wandbtune
 
         run = wandbtune.setup_wandb(config)
-        report({"same": run is wandb.run, "id_matches": run.id == wandb.run.id})
+        report({"same": run == wandb.run, "id_matches": run.id == wandb.run.id})
+        run.finish()  # left to wandbtune: the trial's later results still count
+        report({"same": True, "id_matches": True})
 
     out = sweep(fn)
     assert len(out.runs) == 1
-    row = user_columns(out.only_run().rows[0])
+    run = out.only_run()
+    assert len(run.rows) == 2
+    row = user_columns(run.rows[0])
     assert row["same"] is True and row["id_matches"] is True
+
+
+def test_ray_setup_wandb_inside_a_decorated_trainable_loses_no_row(sweep):
+    # Code migrating from Ray's integration keeps its setup_wandb, which calls
+    # wandb.init(reinit=True): that would finish the trial's run and lose every
+    # mirrored row after it. wandbtune returns the trial's run instead.
+    @wandb_trainable(project="ray-setup")
+    def fn(config):
+        from ray.air.integrations.wandb import setup_wandb
+
+        from wandbtune._compat import TUNE_HAS_REPORT
+
+        # Ray 2.30's setup_wandb returns a disabled run in every Tune trial
+        # unless rank_zero_only=False (it compares Tune's rank, None, with 0).
+        old_ray = {} if TUNE_HAS_REPORT else {"rank_zero_only": False}
+        run = setup_wandb(config, project="ray-setup", **old_ray)
+        for i in range(1, 6):
+            report({"loss": float(i)})
+            run.log({"own": i})  # joins row i (README: lined up with report i)
+        run.finish()
+
+    out = sweep(fn, {"x": tune.grid_search([1, 2])})
+    assert len(out.aborted) == 0 and len(out.runs) == 2
+    for run in out.runs.values():
+        assert run.exit_code == 0
+        assert run.column("loss") == [1.0, 2.0, 3.0, 4.0, 5.0]
+        assert run.column("training_iteration") == [1, 2, 3, 4, 5]
+        assert run.column("own") == [1, 2, 3, 4, 5]
+
+
+def test_only_reinit_create_new_makes_a_second_run_in_a_decorated_trial(sweep):
+    @wandb_trainable(project="reinit")
+    def fn(config):
+        import wandb
+
+        same = wandb.init(project="reinit", reinit="finish_previous")
+        from pathlib import Path
+
+        trial_dir = Path(wandb.run.dir).parents[2]  # <trial>/wandb/<run>/files
+        other = wandb.init(
+            project="reinit", reinit="create_new", id="other-run", dir=trial_dir
+        )
+        other.log({"other": 1})
+        other.finish()
+        report({"same": same.id == wandb.run.id, "loss": 1.0})
+        report({"same": True, "loss": 2.0})
+
+    out = sweep(fn)
+    assert sorted(out.runs) == sorted([out.results[0].metrics["trial_id"], "other-run"])
+    trial_run = out.run_for(out.results[0])
+    assert trial_run.column("loss") == [1.0, 2.0]
+    assert trial_run.column("same") == [True, True]
+    assert out.runs["other-run"].column("other") == [1]
 
 
 def test_wandb_dir_set_on_the_driver_is_where_runs_go(sweep, monkeypatch, tmp_path):

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, ClassVar, Optional
 
-from wandbtune import _compat
+from wandbtune import _compat, _init_guard
 from wandbtune._run import (
     INIT_TIMEOUT_S,
     TEARDOWN_TIMEOUT_S,
@@ -73,6 +73,8 @@ class _Trial:
 
             self.gate.install()
             self.run = start_or_warn(self.settings, **self.trial)
+            if self.run is not None:
+                _init_guard.install(self.run.run)
         except BaseException as exc:  # noqa: BLE001 - raised in the trial's thread
             self.error = exc
         finally:
@@ -88,6 +90,7 @@ class _Trial:
 
     def finish(self, failed: bool, flush: bool) -> None:
         self.gate.remove()
+        _init_guard.remove()
         if self.error is not None:  # the trial ended before it could be raised
             logger.error("wandbtune: this trial's W&B run failed: %r", self.error)
         if self.run is not None:

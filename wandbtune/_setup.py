@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any, Optional
 
-from wandbtune import _compat
+from wandbtune import _compat, _init_guard
 from wandbtune._run import start_run
 from wandbtune._settings import Settings
 
@@ -43,8 +43,9 @@ def setup_wandb(
         return wandb.init(mode="disabled")
     active = active_run()
     if active is not None:
-        # Inside @wandb_trainable the trial has its run already: the same one.
-        return active.run
+        # Inside @wandb_trainable the trial has its run already: the same one
+        # (its finish() left to wandbtune, which finishes it with the trial).
+        return _init_guard.TrialRunView(active.run)
     session = _compat.get_session()
 
     config = dict(config or {})
