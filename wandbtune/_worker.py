@@ -18,13 +18,16 @@ wait until the run has started and every row before is logged (see
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import logging
 import queue
 import sys
 import threading
 import types
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 logger = logging.getLogger("wandbtune")
 
@@ -140,13 +143,14 @@ class Gate:
         self._timeout = timeout
 
     def install(self) -> None:
-        """Gate the ``wandb`` module, if it is imported (else call again after)."""
+        """Gate the ``wandb`` module, now or, if it is not imported yet, the
+        moment its import completes (before any thread can see it)."""
         global _gate
+        _gate = self
         wandb = sys.modules.get("wandb")
         if wandb is None:
-            return
-        _gate = self
-        if type(wandb) is types.ModuleType:
+            _GateOnImport.arm()
+        elif type(wandb) is types.ModuleType:
             wandb.__class__ = _GatedModule
 
     def pass_through(self) -> None:
@@ -166,6 +170,47 @@ class Gate:
         if _gate is not self:
             return
         _gate = None
+        _GateOnImport.disarm()
         wandb = sys.modules.get("wandb")
         if wandb is not None and type(wandb) is _GatedModule:
             wandb.__class__ = types.ModuleType  # type: ignore[assignment]
+
+
+class _GateOnImport(importlib.abc.MetaPathFinder):
+    """Gates ``wandb`` at the end of its import, while Python's import lock
+    for it is still held: a user thread importing wandb at the same time as
+    the W&B thread gets the gated module, never the bare one."""
+
+    _armed: ClassVar[Optional[_GateOnImport]] = None
+
+    @classmethod
+    def arm(cls) -> None:
+        if cls._armed is None:
+            cls._armed = cls()
+            sys.meta_path.insert(0, cls._armed)
+
+    @classmethod
+    def disarm(cls) -> None:
+        finder, cls._armed = cls._armed, None
+        if finder is not None and finder in sys.meta_path:
+            sys.meta_path.remove(finder)
+
+    def find_spec(
+        self, name: str, path: Any = None, target: Any = None
+    ) -> Optional[importlib.machinery.ModuleSpec]:
+        if name != "wandb":
+            return None
+        type(self).disarm()  # once: the import below must not find us again
+        spec = importlib.util.find_spec(name)
+        loader = getattr(spec, "loader", None)
+        exec_module = getattr(loader, "exec_module", None)
+        if spec is None or loader is None or exec_module is None:
+            return spec
+
+        def gated_exec_module(module: types.ModuleType) -> None:
+            exec_module(module)
+            if _gate is not None and type(module) is types.ModuleType:
+                module.__class__ = _GatedModule
+
+        loader.exec_module = gated_exec_module  # type: ignore[method-assign]
+        return spec
