@@ -22,6 +22,7 @@ from wandbtune._run import (
     INIT_TIMEOUT_S,
     TEARDOWN_TIMEOUT_S,
     TrialRun,
+    exploit_of,
     flush_wandb,
     init_kwargs,
     start_or_warn,
@@ -149,6 +150,7 @@ class WandbTrainableMixin:
 
     _wandbtune_settings: ClassVar[Settings] = Settings()
     _wandbtune_trial: Optional[_Trial] = None
+    _wandbtune_pending: Optional[tuple[Settings, dict[str, Any]]] = None
 
     # --- on the driver -------------------------------------------------------
     # Tune asks a trainable class for each new trial's resources on the driver,
@@ -173,9 +175,10 @@ class WandbTrainableMixin:
 
     def setup(self, config: dict[str, Any], *args: Any, **kwargs: Any) -> None:
         super().setup(config, *args, **kwargs)  # type: ignore[misc]
-        self._wandbtune_start(config)
+        self._wandbtune_prepare(config)
 
     def train(self) -> dict[str, Any]:
+        self._wandbtune_start()
         trial = self._wandbtune_trial
         if trial is not None:
             self._wandbtune_before_user_code(trial)
@@ -226,9 +229,12 @@ class WandbTrainableMixin:
             )
         return saved
 
-    def restore(self, *args: Any, **kwargs: Any) -> Any:
+    def restore(self, checkpoint: Any, *args: Any, **kwargs: Any) -> Any:
+        # Before train(): the run starts here, knowing where the trial goes on
+        # from (its own checkpoint: a retry; another trial's: a PBT exploit).
+        self._wandbtune_start(restored=getattr(checkpoint, "metrics", None))
         with self._wandbtune_failing():
-            return super().restore(*args, **kwargs)  # type: ignore[misc]
+            return super().restore(checkpoint, *args, **kwargs)  # type: ignore[misc]
 
     @contextmanager
     def _wandbtune_failing(self) -> Iterator[None]:
@@ -263,11 +269,16 @@ class WandbTrainableMixin:
         finally:
             self._wandbtune_end(failed=False, flush=False, wait=False)
         if ok:
-            self._wandbtune_start(new_config)
+            self._wandbtune_prepare(new_config)
         return ok
 
-    def _wandbtune_start(self, config: dict[str, Any]) -> None:
-        global _active, _instrumented
+    def _wandbtune_prepare(self, config: dict[str, Any]) -> None:
+        """A trial is set up in this actor: check its settings now (bad ones
+        fail setup()), start its run when it first trains or restores.
+
+        Tune can set up an actor for a trial and then run that trial on
+        another one (reuse_actors): a run started here would stay empty."""
+        global _instrumented
         settings = self._wandbtune_settings.merged(config)
         storage = _compat.trainable_storage(self)
         trial: dict[str, Any] = dict(
@@ -278,6 +289,21 @@ class WandbTrainableMixin:
             dir=_compat.storage_trial_dir(storage),
         )
         init_kwargs(settings, **trial)  # bad settings raise here, in setup()
+        self._wandbtune_pending = (settings, trial)
+        with _active_lock:
+            _instrumented = True
+
+    def _wandbtune_start(self, restored: Optional[Mapping[str, Any]] = None) -> None:
+        """Start the prepared trial's run, if not started yet."""
+        global _active, _instrumented
+        pending, self._wandbtune_pending = self._wandbtune_pending, None
+        if pending is None:
+            return
+        settings, trial = pending
+        trial = {
+            **trial,
+            "exploit": exploit_of(trial["trial_id"], restored, trial["config"]),
+        }
         function = _compat.is_function_trainable(self)
         # A class's setup() and step() run in this thread; the function of a
         # function trainable in its own, which is the one to hold back.
@@ -297,6 +323,7 @@ class WandbTrainableMixin:
 
     def _wandbtune_end(self, *, failed: bool, flush: bool, wait: bool) -> None:
         global _active, _instrumented
+        self._wandbtune_pending = None  # set up, never run here: no run
         with _active_lock:
             trial, self._wandbtune_trial = self._wandbtune_trial, None
             if _active is trial:

@@ -6,6 +6,7 @@ import logging
 import os
 import threading
 from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from wandbtune import _compat
@@ -169,7 +170,9 @@ def start_or_warn(settings: Settings, **trial: Any) -> TrialRun | None:
 class TrialRun:
     """A started W&B run and what wandbtune needs to feed and finish it."""
 
-    def __init__(self, run: Any, settings: Settings) -> None:
+    def __init__(
+        self, run: Any, settings: Settings, *, exploit: Exploit | None = None
+    ) -> None:
         self.run = run
         self.settings = settings
         self.failed = False
@@ -179,7 +182,18 @@ class TrialRun:
         self._finished = False
         # A retried or restored trial resumes its run: rows up to here were
         # logged by an earlier attempt, and W&B would drop them if sent again.
-        self._logged_up_to = logged_by_earlier_attempts(run)
+        earlier = earlier_attempts(run)
+        self._lineage = earlier
+        self._logged_up_to = earlier.last_iteration
+        # W&B's step is training_iteration + offset: 0 until a PBT exploit
+        # takes the trial back to an earlier iteration (W&B's step must not).
+        self._offset = earlier.offset
+        #: (W&B step, training_iteration) of the last row this attempt logged.
+        self._last_logged: tuple[int | None, int] | None = None
+        if exploit is not None:
+            self._start_lineage(exploit, earlier)
+        elif earlier.exploits:  # each attempt's summary lists them all
+            self._set_summary(EXPLOITS_KEY, earlier.exploits)
         try:
             # Charts use Tune's iteration as their x-axis, and rows the user
             # logs without it get the last reported one (step_sync).
@@ -188,8 +202,10 @@ class TrialRun:
             self._warn_once("define_metric", f"could not set the x-axis: {exc}")
 
     @classmethod
-    def start(cls, settings: Settings, **trial: Any) -> TrialRun:
-        return cls(start_run(settings, **trial), settings)
+    def start(
+        cls, settings: Settings, *, exploit: Exploit | None = None, **trial: Any
+    ) -> TrialRun:
+        return cls(start_run(settings, **trial), settings, exploit=exploit)
 
     def log_checkpoint(self, checkpoint: Any, iteration: Any) -> None:
         """Log a persisted Tune checkpoint as an artifact version, once, if
@@ -237,6 +253,10 @@ class TrialRun:
                 self.run.log(_plain(row), step=step)
             except Exception as exc2:  # noqa: BLE001
                 self._warn_once("log", f"a result was not logged to W&B: {exc2!r}")
+                return
+        iteration = row.get(TRAINING_ITERATION)
+        if isinstance(iteration, int):
+            self._last_logged = (step, iteration)
 
     def _update_config(self, config: Mapping[str, Any]) -> None:
         changed = {
@@ -247,6 +267,32 @@ class TrialRun:
         if changed:
             self.run.config.update(changed, allow_val_change=True)
             self._sent_config.update(changed)
+
+    def _start_lineage(self, exploit: Exploit, earlier: Lineage) -> None:
+        """PBT restored this trial from another trial's checkpoint with a new
+        config: Tune reports the iterations after that checkpoint again, with
+        other values. They are logged (after every earlier row: W&B's step
+        goes on while training_iteration goes back), and the exploit is
+        recorded in the run's summary."""
+        self._logged_up_to = None  # a new computation: every row counts
+        if earlier.last_step is not None:
+            self._offset = earlier.last_step - exploit.source_iteration
+        record = {
+            "iteration": earlier.last_iteration,
+            "source_trial": exploit.source_trial,
+            "source_iteration": exploit.source_iteration,
+            "old_config": run_config(earlier.config, self.settings.excludes),
+            "new_config": run_config(exploit.config, self.settings.excludes),
+        }
+        exploits = [*earlier.exploits, record]
+        self._lineage = replace(earlier, exploits=exploits)
+        self._set_summary(EXPLOITS_KEY, exploits)
+
+    def _set_summary(self, key: str, value: Any) -> None:
+        try:
+            self.run.summary[key] = value
+        except Exception as exc:  # noqa: BLE001 - never stops training
+            self._warn_once("summary", f"{key} was not set in W&B: {exc!r}")
 
     def _repeats_an_earlier_attempt(self, iteration: Any) -> bool:
         """True for a row an earlier attempt of this trial already logged.
@@ -276,8 +322,9 @@ class TrialRun:
         """
         if not isinstance(iteration, int) or isinstance(iteration, bool):
             return None
+        step = iteration + self._offset
         current = _compat.wandb_current_step(self.run)
-        if current is not None and iteration < current:
+        if current is not None and step < current:
             self._warn_once(
                 "step",
                 f"rows logged to this run outside Tune moved W&B's step ({current}) "
@@ -286,7 +333,7 @@ class TrialRun:
                 "to keep W&B's step equal to training_iteration.",
             )
             return None
-        return iteration
+        return step
 
     def finish(self, *, failed: bool = False, flush: bool = False) -> None:
         """Finish the run (exit code 1 if failed) and, if asked, wait until
@@ -294,6 +341,7 @@ class TrialRun:
         if self._finished:
             return
         self._finished = True
+        _remember_lineage(self)
         try:
             self.run.finish(exit_code=1 if (failed or self.failed) else 0)
         except Exception as exc:  # noqa: BLE001
@@ -307,48 +355,139 @@ class TrialRun:
             logger.warning("wandbtune: %s", message)
 
 
-def logged_by_earlier_attempts(run: Any) -> int | None:
-    """The last ``training_iteration`` that earlier attempts of this trial
-    logged to ``run`` (same id), or None if none did; never raises.
+#: The run summary key listing a trial's PBT exploits.
+EXPLOITS_KEY = "pbt/exploits"
 
-    Online, W&B resumes the run and restores its summary. Offline, each
-    attempt writes its own ``offline-run-*-<id>`` directory (``wandb sync``
-    joins them into one run): those beside this one are read.
+
+@dataclass(frozen=True)
+class Exploit:
+    """A PBT exploit: the trial goes on from another trial's checkpoint."""
+
+    source_trial: str
+    source_iteration: int
+    config: Mapping[str, Any]
+
+
+def exploit_of(
+    trial_id: str | None, restored: Mapping[str, Any] | None, config: Any = None
+) -> Exploit | None:
+    """The exploit a restore is, or None for the trial's own checkpoint (a
+    retry, ``Tuner.restore``, PBT resuming a paused trial).
+
+    Tune restores a function trainable from a result: the metrics it was
+    saved with name the trial that saved it. PBT hands an exploiting trial
+    the cloned trial's checkpoint, so the two ids differ only then.
+    """
+    if not restored or not trial_id:
+        return None
+    source = restored.get("trial_id")
+    iteration = restored.get(TRAINING_ITERATION)
+    if not isinstance(source, str) or source == trial_id:
+        return None
+    if not isinstance(iteration, int):
+        return None
+    return Exploit(source, iteration, dict(config or {}))
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """What earlier attempts of a trial logged to its run (same id)."""
+
+    #: W&B step and training_iteration of the last row logged, if any.
+    last_step: int | None = None
+    last_iteration: int | None = None
+    config: Mapping[str, Any] = field(default_factory=dict)
+    exploits: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def offset(self) -> int:
+        if self.last_step is None or self.last_iteration is None:
+            return 0
+        return max(0, self.last_step - self.last_iteration)
+
+
+#: Lineages of runs finished in this process (a reused actor), by run id.
+_finished_lineages: dict[str, Lineage] = {}
+
+
+def _remember_lineage(trial_run: TrialRun) -> None:
+    try:
+        lineage = trial_run._lineage
+        if trial_run._last_logged is not None:
+            step, iteration = trial_run._last_logged
+            if step is None:  # logged at W&B's next step
+                current = _compat.wandb_current_step(trial_run.run)
+                step = None if current is None else current - 1
+            lineage = replace(lineage, last_step=step, last_iteration=iteration)
+        config = dict(trial_run.run.config)
+        _finished_lineages[str(trial_run.run.id)] = replace(lineage, config=config)
+    except Exception as exc:  # noqa: BLE001 - a guess, never a failure
+        logger.debug("wandbtune: lineage not kept: %r", exc)
+
+
+def earlier_attempts(run: Any) -> Lineage:
+    """What earlier attempts of this trial logged to ``run`` (same id); never
+    raises.
+
+    In this process (a reused actor) it is remembered. Online, W&B resumes the
+    run and restores its summary. Offline, each attempt writes its own
+    ``offline-run-*-<id>`` directory (``wandb sync`` joins them into one run):
+    those beside this one are read.
     """
     try:
+        remembered = _finished_lineages.get(str(run.id))
+        if remembered is not None:
+            return remembered
         if getattr(run, "resumed", False):
             value = run.summary.get(TRAINING_ITERATION)
-            return int(value) if isinstance(value, (int, float)) else None
+            step = _compat.wandb_current_step(run)
+            exploits = run.summary.get(EXPLOITS_KEY)
+            return Lineage(
+                last_step=None if not step else step - 1,
+                last_iteration=int(value) if isinstance(value, (int, float)) else None,
+                config=dict(run.config),
+                exploits=list(exploits) if isinstance(exploits, list) else [],
+            )
         if not getattr(getattr(run, "settings", None), "_offline", False):
-            return None
-        return _last_iteration_beside(run)
+            return Lineage()
+        return _lineage_beside(run)
     except Exception as exc:  # noqa: BLE001 - a guess, never a failure
         logger.debug("wandbtune: earlier attempts not read: %r", exc)
-        return None
+        return Lineage()
 
 
-def _last_iteration_beside(run: Any) -> int | None:
+def logged_by_earlier_attempts(run: Any) -> int | None:
+    """The last ``training_iteration`` earlier attempts logged to ``run``."""
+    return earlier_attempts(run).last_iteration
+
+
+def _lineage_beside(run: Any) -> Lineage:
     from pathlib import Path
 
-    from wandbtune.testing import read_records
+    from wandbtune.offline import read_run
 
     own = Path(run.dir).parent  # .../wandb/offline-run-<time>-<id>/files
-    last: int | None = None
+    last: tuple[int, int] | None = None  # (step, iteration) of the last row
+    config: dict[str, Any] = {}
+    exploits: list[dict[str, Any]] = []
     for path in own.parent.glob(f"offline-run-*-{run.id}*/run-{run.id}.wandb"):
         if path.parent == own:
             continue
-        try:
-            for record in read_records(path):
-                if record.WhichOneof("record_type") != "history":
-                    continue
-                for item in record.history.item:
-                    key = item.key or "/".join(item.nested_key)
-                    if key == TRAINING_ITERATION:
-                        value = int(float(item.value_json))
-                        last = value if last is None else max(last, value)
-        except ValueError:  # a file cut short by a killed worker: what was read
-            continue
-    return last
+        attempt = read_run(path, partial=True)  # a killed worker's: what was read
+        for row in attempt.rows:
+            step, iteration = row.get("_step"), row.get(TRAINING_ITERATION)
+            if isinstance(step, int) and isinstance(iteration, (int, float)):
+                if last is None or step > last[0]:
+                    last = (step, int(iteration))
+                    config = attempt.config
+        found = attempt.summary.get(EXPLOITS_KEY)
+        if isinstance(found, list) and len(found) > len(exploits):
+            exploits = found
+    if last is None:
+        return Lineage(exploits=exploits)
+    return Lineage(
+        last_step=last[0], last_iteration=last[1], config=config, exploits=exploits
+    )
 
 
 def _plain(row: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,139 @@
+"""Population based training: every result Tune records for a trial reaches
+its run, and each exploit is recorded there.
+
+PBT restores a trial from another trial's checkpoint at an earlier iteration,
+with a new config: Tune records those iterations again, with other values.
+W&B's step goes on while ``training_iteration`` goes back, so W&B keeps
+both lineages' rows, the one the trial went on with last.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from pathlib import Path
+
+import pytest
+from ray import tune
+from ray.tune.schedulers import PopulationBasedTraining
+
+from tests.helpers import read_sweep
+from tests.raycompat import Checkpoint, RunConfig, get_checkpoint, report
+from wandbtune import wandb_trainable
+from wandbtune._run import EXPLOITS_KEY
+
+
+@wandb_trainable(project="pbt")
+def _climb(config):
+    """Checkpoints every 2 iterations; PBT perturbs every 3, so an exploiting
+    trial goes on from its source's checkpoint at 2 (or 8) and replays."""
+    step, score = 0, 0.0
+    checkpoint = get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as path:
+            state = json.loads(Path(path, "state.json").read_text())
+            step, score = state["step"], state["score"]
+    while step < 9:
+        step += 1
+        score += config["lr"]
+        if step % 2:
+            report({"score": score})
+            continue
+        with tempfile.TemporaryDirectory() as path:
+            Path(path, "state.json").write_text(
+                json.dumps({"step": step, "score": score})
+            )
+            report({"score": score}, checkpoint=Checkpoint.from_directory(path))
+
+
+def _tune_rows(result):
+    df = result.metrics_dataframe
+    return [
+        (int(i), round(float(s), 9))
+        for i, s in zip(df["training_iteration"], df["score"], strict=True)
+    ]
+
+
+@pytest.mark.parametrize("reuse_actors", [False, True])
+def test_pbt_every_recorded_result_is_in_w_and_b_and_exploits_are_recorded(
+    ray_session, tmp_path, reuse_actors
+):
+    pbt = PopulationBasedTraining(
+        time_attr="training_iteration",
+        perturbation_interval=3,
+        hyperparam_mutations={"lr": [0.1, 0.5, 1.0, 2.0]},
+        quantile_fraction=0.5,
+        resample_probability=0.0,
+        synch=True,
+    )
+    storage = tmp_path / "results"
+    results = tune.Tuner(
+        _climb,
+        param_space={"lr": tune.grid_search([0.1, 0.5, 1.0, 2.0])},
+        tune_config=tune.TuneConfig(
+            scheduler=pbt, metric="score", mode="max", reuse_actors=reuse_actors
+        ),
+        run_config=RunConfig(name="pbt", storage_path=str(storage), verbose=0),
+    ).fit()
+    assert len(results) == 4 and not results.errors
+
+    out = read_sweep(results, storage, "pbt", allow_attempts=True)
+    assert len(out.attempts) == 4
+    # PBT's own log of its exploits: [trial tag, source tag, trial's iteration,
+    # source's iteration, source config, new config]. (A result's metrics
+    # cannot name its trial here: PBT hands a trial its source's last result.)
+    policy = [
+        json.loads(line)
+        for line in (storage / "pbt" / "pbt_global.txt").read_text().splitlines()
+    ]
+    trial_dirs = {_trial_id(p): p.name for p in (storage / "pbt").iterdir()}
+    ids_by_tag = {_tag(name): tid for tid, name in trial_dirs.items() if tid}
+    replayed = 0
+    for result in results:
+        trial_id = _trial_id(Path(result.path))
+        attempts = out.attempts[trial_id]
+        rows = sorted(
+            (row for run in attempts for row in run.rows), key=lambda r: r["_step"]
+        )
+        steps = [row["_step"] for row in rows]
+        assert steps == sorted(set(steps))  # W&B drops no row: steps increase
+        in_wandb = [(row["training_iteration"], round(row["score"], 9)) for row in rows]
+        recorded = _tune_rows(result)
+        assert len(recorded) >= 9
+        # Every result, in Tune's order; a repeat of the same computation (a
+        # trial PBT paused goes on from its own checkpoint: same iteration,
+        # same value) once, as after a retry.
+        assert in_wandb == [r for k, r in enumerate(recorded) if r not in recorded[:k]]
+        replayed += sum(
+            later <= earlier
+            for (earlier, _), (later, _) in zip(recorded, recorded[1:], strict=False)
+        )
+        expected = [line for line in policy if line[0] == _tag(trial_dirs[trial_id])]
+        exploits = attempts[-1].summary.get(EXPLOITS_KEY, [])  # every attempt's
+        assert len(exploits) == len(expected), (exploits, expected)
+        iterations = [i for i, _ in recorded]
+        resumed_at = set(zip(iterations, iterations[1:], strict=False))
+        for exploit, line in zip(exploits, expected, strict=True):
+            assert exploit["source_trial"] == ids_by_tag[line[1]]
+            assert exploit["iteration"] == line[2]
+            assert exploit["new_config"]["lr"] == line[5]["lr"]
+            # The trial went on right after the checkpoint it restored (PBT's
+            # log gives the source's last result, which can be one behind).
+            goes_on = (exploit["iteration"], exploit["source_iteration"] + 1)
+            assert goes_on in resumed_at or exploit["source_iteration"] == 9
+        # The run config follows the lineage the trial ended with.
+        first_lr = float(_tag(trial_dirs[trial_id]).split("lr=")[1])
+        last_lr = exploits[-1]["new_config"]["lr"] if exploits else first_lr
+        assert attempts[-1].config["lr"] == last_lr
+    assert replayed > 0, "PBT replayed no iteration: the test proves too little"
+
+
+def _trial_id(path: Path) -> str:
+    found = re.search(r"_([0-9a-f]{5}_\d{5})_", path.name)
+    return found.group(1) if found else ""
+
+
+def _tag(dir_name: str) -> str:
+    """'_climb_2a3a9_00000_0_lr=0.1000_2026-...' -> '0_lr=0.1000'."""
+    return dir_name.split("_", 4)[4].rsplit("_", 2)[0]
