@@ -1,4 +1,7 @@
-"""Read what an offline W&B run would send, for tests (yours and ours).
+"""Read an offline W&B run file: what ``wandb sync`` would send.
+
+wandbtune reads earlier attempts of a retried trial with it (to log no row
+twice), and ``wandbtune.testing`` builds test helpers on it.
 
 An offline run is a ``run-<id>.wandb`` file: a 7-byte W&B header, then the
 LevelDB log format (32 KiB blocks; each chunk has a 7-byte header of CRC-32,
@@ -36,8 +39,9 @@ def read_records(path: str | os.PathLike[str]) -> Iterator[Any]:
     """Yield every ``Record`` in an offline run file, checking each checksum.
 
     An empty file (W&B's service stopped before it wrote the header) has no
-    records. Raises ``ValueError`` on a bad header or a corrupt chunk. A record cut off
-    at the end of the file (a run still being written) is not yielded.
+    records. Raises ``ValueError`` on a bad header or a corrupt chunk, after
+    the records before it. A record cut off at the end of the file (a run still
+    being written, or a killed one) is not yielded.
     """
     from wandb.proto import wandb_internal_pb2
 
@@ -116,6 +120,8 @@ class RunFile:
     metrics: list[Any] = field(default_factory=list)
     artifacts: list[Any] = field(default_factory=list)
     exit_code: int | None = None
+    #: Why reading stopped early (``read_run(..., partial=True)``), or None.
+    damaged: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -127,10 +133,24 @@ class RunFile:
         return [row[key] for row in self.rows if key in row]
 
 
-def read_run(path: str | os.PathLike[str]) -> RunFile:
-    """Read an offline ``run-*.wandb`` file into a :class:`RunFile`."""
+def read_run(path: str | os.PathLike[str], *, partial: bool = False) -> RunFile:
+    """Read an offline ``run-*.wandb`` file into a :class:`RunFile`.
+
+    A corrupt file raises ``ValueError``; with ``partial=True`` what was read
+    before the damage is returned instead (``RunFile.damaged`` says so).
+    """
     run = RunFile(path=os.fspath(path))
-    for record in read_records(path):
+    try:
+        _read_into(run, read_records(path))
+    except ValueError as exc:
+        if not partial:
+            raise
+        run.damaged = str(exc)
+    return run
+
+
+def _read_into(run: RunFile, records: Iterator[Any]) -> None:
+    for record in records:
         kind = record.WhichOneof("record_type")
         if kind == "run":
             r = record.run
@@ -152,7 +172,6 @@ def read_run(path: str | os.PathLike[str]) -> RunFile:
             run.artifacts.append(record.artifact)
         elif kind == "exit":
             run.exit_code = record.exit.exit_code
-    return run
 
 
 def _config(items: Any) -> dict[str, Any]:
