@@ -387,3 +387,117 @@ def wandb_open_runs() -> Optional[int]:
     setup = _wandb_setup()
     runs = getattr(setup, "_active_runs", None)
     return len(runs) if isinstance(runs, list) else None
+
+
+# --- Ray Train workers (train_loop_per_worker) -----------------------------------
+#
+# Train V2 (current Ray) keeps a worker's context in
+# ``ray.train.v2._internal.execution``; Train V1 (Ray 2.30) in the worker's
+# ``_TrainSession``. Everything wandbtune reads there is resolved here.
+
+
+def _train_v2_context() -> Any:
+    """The V2 worker's TrainContext, None elsewhere (a V1 worker, Tune, none)."""
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        return get_train_context()
+    except Exception:  # noqa: BLE001 - not a Train V2 worker (or not that Ray)
+        return None
+
+
+def in_train_worker() -> bool:
+    """True in a Ray Train worker's training loop (V1 or V2), not in Tune."""
+    return not in_tune_function_trial() and world_rank() is not None
+
+
+def train_reports_to_tune() -> bool:
+    """True if this Train run reports rank 0's metrics into a Tune trial
+    (Ray's ``TuneReportCallback`` in its RunConfig: Train inside Tune)."""
+    context = _train_v2_context()
+    run_config = getattr(
+        getattr(context, "train_run_context", None), "run_config", None
+    )
+    for callback in getattr(run_config, "callbacks", None) or ():
+        if type(callback).__name__ == "TuneReportCallback":
+            return True
+    return False
+
+
+def train_run_identity() -> dict[str, Any]:
+    """What names this Train run for W&B: ``run_id`` stable for its storage
+    path and name (so a worker-group restart and a re-fit that resumes from
+    the run's checkpoint continue one W&B run), ``name``, and ``dir`` (the
+    run's directory in storage when it is on the local filesystem)."""
+    import hashlib
+
+    context = _train_v2_context()
+    if context is not None:  # V2: the run is its name in its storage path
+        storage = context.get_storage()
+        fs = getattr(storage.storage_filesystem, "type_name", "")
+        path = str(storage.experiment_fs_path)
+        digest = hashlib.sha1(f"{fs}:{path}".encode()).hexdigest()[:16]
+        return {
+            "run_id": f"train-{digest}",
+            "name": context.get_experiment_name(),
+            "dir": storage_trial_dir_v2(storage),
+        }
+    session = get_session()  # V1: the trainer runs as one Tune trial
+    info = getattr(session, "trial_info", None)
+    storage = getattr(session, "storage", None)
+    return {
+        "run_id": getattr(info, "id", None),
+        "name": getattr(info, "experiment_name", None) or getattr(info, "name", None),
+        "dir": storage_trial_dir(storage),
+    }
+
+
+def storage_trial_dir_v2(storage: Any) -> Optional[str]:
+    import pyarrow.fs
+
+    if isinstance(storage.storage_filesystem, pyarrow.fs.LocalFileSystem):
+        return str(storage.experiment_fs_path)
+    return None
+
+
+def train_report_owner() -> Any:
+    """The object whose ``report`` every report path of this worker calls
+    (``ray.train.report``, ``from ray.train import report``, ...): V2's
+    TrainFnUtils (documented there as patchable), V1's session."""
+    if _train_v2_context() is not None:
+        from ray.train.v2._internal.execution.train_fn_utils import get_train_fn_utils
+
+        return get_train_fn_utils()
+    return get_session()
+
+
+def train_report_index() -> Optional[int]:
+    """V2: how many reports this Train run has made (across worker-group
+    restarts and re-fits, as Ray counts them); None on V1."""
+    context = _train_v2_context()
+    index = getattr(context, "report_call_index", None)
+    return index if isinstance(index, int) else None
+
+
+def train_on_worker_shutdown(callback: Callable[[], None]) -> bool:
+    """Run ``callback`` when Ray Train shuts this worker down, before it kills
+    it (V2 gives shutdown callbacks 5 s in all); False where not possible
+    (V1). Ray Train kills a worker without running its ``finally`` or atexit
+    handlers when another worker failed or ``fit()`` was interrupted."""
+    try:
+        import ray._private.worker
+        from ray.train.v2._internal.execution.callback import WorkerCallback
+
+        actor_id = ray.get_runtime_context().get_actor_id()
+        actors = ray._private.worker.global_worker.actors
+        worker = next(a for k, a in actors.items() if k.hex() == actor_id)
+        callbacks = worker._callbacks
+    except Exception:  # noqa: BLE001 - not a V2 worker
+        return False
+
+    class _BeforeShutdown(WorkerCallback):  # type: ignore[misc]
+        def before_worker_shutdown(self) -> None:
+            callback()
+
+    callbacks.insert(0, _BeforeShutdown())  # first: the 5 s are shared
+    return True

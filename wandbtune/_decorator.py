@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Optional, TypeVar, overload
 
-from wandbtune import _compat, _mixin
+from wandbtune import _compat, _mixin, _train
 from wandbtune._settings import Settings
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -108,13 +108,13 @@ def _decorate(fn: F, settings: Settings) -> F:
     if inspect.isgeneratorfunction(fn):
 
         def wrapper(config: Any, *args: Any, **kwargs: Any) -> Any:
-            with _trial_scope(fn):
+            with _trial_scope(fn, settings, config):
                 return (yield from fn(config, *args, **kwargs))
 
     else:
 
         def wrapper(config: Any, *args: Any, **kwargs: Any) -> Any:
-            with _trial_scope(fn):
+            with _trial_scope(fn, settings, config):
                 return fn(config, *args, **kwargs)
 
     functools.update_wrapper(wrapper, fn)  # name, docs, __dict__ (_resources...)
@@ -148,9 +148,16 @@ def _decorate_class(cls: type, settings: Settings) -> type:
 
 
 @contextmanager
-def _trial_scope(fn: Callable[..., Any]) -> Iterator[None]:
+def _trial_scope(
+    fn: Callable[..., Any], settings: Settings, config: Any
+) -> Iterator[None]:
     """While the trainable runs in a Tune trial: check that the actor part is
-    there, and let ``ray.train.report`` reach Tune."""
+    there, and let ``ray.train.report`` reach Tune. In a Ray Train worker:
+    the training run's W&B run (``_train``)."""
+    if _compat.in_train_worker():
+        with _train.training_loop_run(settings, config or {}):
+            yield
+        return
     if not _compat.in_tune_function_trial():
         yield  # called outside Tune (a unit test, a debugger): run it as is
         return

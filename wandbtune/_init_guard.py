@@ -49,10 +49,10 @@ def wants_new_run(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bool:
 
 
 class _Guard:
-    def __init__(self, run: Any, owner: threading.Thread) -> None:
+    def __init__(self, run: Any, owner: Optional[threading.Thread]) -> None:
         self.view = TrialRunView(run)
         self.run = run
-        self.owner = owner  # the W&B thread: its own calls pass through
+        self.owner = owner  # wandbtune's W&B thread: its own calls pass through
 
     def init(self, wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
         if threading.current_thread() is self.owner or wants_new_run(args, kwargs):
@@ -81,15 +81,15 @@ _saved: list[tuple[Any, str, Any]] = []
 _noted: set[str] = set()
 
 
-def install(run: Any) -> None:
-    """Guard ``wandb.init`` and ``wandb.finish`` for ``run`` (the calling
-    thread's own calls pass through)."""
+def install(run: Any, *, owner: Optional[threading.Thread] = None) -> None:
+    """Guard ``wandb.init`` and ``wandb.finish`` for ``run``; calls from the
+    ``owner`` thread (wandbtune's own, if any) pass through."""
     global _guard
     import wandb
 
     with _lock:
         _restore()
-        _guard = _Guard(run, threading.current_thread())
+        _guard = _Guard(run, owner)
         for name, wrapper in (("init", _guard.init), ("finish", _guard.finish)):
             parent, attribute, original = wrapt.resolve_path(wandb, name)
             _saved.append((parent, attribute, original))

@@ -75,7 +75,7 @@ class _Trial:
             self.gate.install()
             self.run = start_or_warn(self.settings, **self.trial)
             if self.run is not None:
-                _init_guard.install(self.run.run)
+                _init_guard.install(self.run.run, owner=threading.current_thread())
         except BaseException as exc:  # noqa: BLE001 - raised in the trial's thread
             self.error = exc
         finally:

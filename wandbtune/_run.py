@@ -268,6 +268,11 @@ class TrialRun:
             self.run.config.update(changed, allow_val_change=True)
             self._sent_config.update(changed)
 
+    @property
+    def logged_by_earlier_attempts(self) -> int | None:
+        """The last training_iteration earlier attempts logged to this run."""
+        return self._lineage.last_iteration
+
     def _start_lineage(self, exploit: Exploit, earlier: Lineage) -> None:
         """PBT restored this trial from another trial's checkpoint with a new
         config: Tune reports the iterations after that checkpoint again, with

@@ -1,0 +1,193 @@
+"""``@wandb_trainable`` on a Ray Train training loop (``DataParallelTrainer``
+with 2 CPU workers; Train V2 on current Ray, V1 on Ray 2.30): one W&B run per
+training run, logged by rank 0."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import pytest
+import ray.train
+from ray import tune
+
+from tests.raycompat import (
+    TRAIN_V2,
+    Checkpoint,
+    DataParallelTrainer,
+    TrainFailureConfig,
+    TrainRunConfig,
+    scaling,
+)
+from tests.test_key_hygiene import KEY
+from wandbtune import wandb_trainable
+from wandbtune._train import ERROR_KEY
+from wandbtune.testing import read_runs
+
+
+def _loop(config):
+    """Reports ``epochs`` times; rank r reports loss = epoch + 100 r. Goes on
+    from its checkpoint; raises once at ``fail_at`` on rank ``fail_rank``
+    (marker file), or always with ``fail_always``."""
+    rank = ray.train.get_context().get_world_rank()
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as path:
+            start = json.loads(Path(path, "state.json").read_text())["epoch"]
+    marker = Path(config.get("marker", "/nonexistent/marker"))
+    for epoch in range(start + 1, config["epochs"] + 1):
+        if rank == config.get("fail_rank", 0) and epoch == config.get("fail_at"):
+            if config.get("fail_always"):
+                raise RuntimeError(f"rank {rank} fails at epoch {epoch}")
+            if not marker.exists():
+                marker.touch()
+                raise RuntimeError(f"rank {rank} fails at epoch {epoch}")
+        metrics = {"loss": float(epoch + 100 * rank), "epoch": epoch}
+        with tempfile.TemporaryDirectory() as path:
+            Path(path, "state.json").write_text(json.dumps({"epoch": epoch}))
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(path))
+
+
+def _fit(tmp_path, loop, config, name="train-run", max_failures=0):
+    trainer = DataParallelTrainer(
+        loop,
+        train_loop_config=config,
+        scaling_config=scaling(2),
+        run_config=TrainRunConfig(
+            name=name,
+            storage_path=str(tmp_path / "storage"),
+            failure_config=TrainFailureConfig(max_failures=max_failures),
+        ),
+    )
+    return trainer.fit()
+
+
+def _runs(tmp_path):
+    return read_runs(tmp_path / "storage")
+
+
+def test_rank_zero_logs_every_report_as_one_run(ray_session, tmp_path):
+    loop = wandb_trainable(project="train", excludes=["epoch"])(_loop)
+    _fit(tmp_path, loop, {"epochs": 4, "lr": 0.1, "wandb": {"group": "g"}})
+
+    runs = _runs(tmp_path)
+    assert len(runs) == 1, sorted(runs)  # no run from rank 1
+    ((run_id, attempts),) = runs.items()
+    (run,) = attempts
+    assert run_id.startswith("train-") or not TRAIN_V2
+    assert run.name == "train-run" and run.group == "g"
+    assert run.config["lr"] == 0.1 and "wandb" not in run.config
+    assert run.column("loss") == [1.0, 2.0, 3.0, 4.0]  # rank 0's values
+    assert run.column("training_iteration") == [1, 2, 3, 4]
+    assert run.column("epoch") == []  # excludes apply
+    assert run.exit_code == 0
+
+
+def test_a_restarted_worker_group_continues_the_run_with_no_row_twice(
+    ray_session, tmp_path
+):
+    loop = wandb_trainable(project="train")(_loop)
+    config = {"epochs": 5, "fail_at": 3, "marker": str(tmp_path / "failed")}
+    _fit(tmp_path, loop, config, max_failures=1)
+
+    runs = _runs(tmp_path)
+    assert len(runs) == 1, sorted(runs)
+    ((_, attempts),) = runs.items()
+    assert [run.exit_code for run in attempts] == [1, 0]  # failed, then finished
+    assert attempts[0].summary[ERROR_KEY] == "RuntimeError: rank 0 fails at epoch 3"
+    rows = [row for run in attempts for row in run.rows]
+    steps = [row["training_iteration"] for row in rows]
+    assert len(rows) >= 5
+    assert steps == sorted(set(steps))  # the step increases across the restart
+    # the first attempt's two reports, then the restart's three (from epoch 3)
+    assert [row["epoch"] for row in rows] == [1, 2, 3, 4, 5]
+
+
+def test_a_training_run_that_fails_is_a_failed_run_with_its_error(
+    ray_session, tmp_path
+):
+    loop = wandb_trainable(project="train")(_loop)
+    with pytest.raises(Exception):  # noqa: B017 - V1 and V2 raise their own
+        _fit(tmp_path, loop, {"epochs": 3, "fail_at": 2, "fail_always": True})
+
+    runs = _runs(tmp_path)
+    assert len(runs) == 1
+    ((_, (run,)),) = runs.items()
+    assert run.column("loss") == [1.0]
+    assert run.exit_code == 1
+    assert run.summary[ERROR_KEY] == "RuntimeError: rank 0 fails at epoch 2"
+
+
+def test_another_rank_failing_finishes_rank_zeros_run(ray_session, tmp_path):
+    if not TRAIN_V2:
+        pytest.skip("Train V1 kills rank 0 with no hook to finish its run first")
+    loop = wandb_trainable(project="train")(_loop)
+    with pytest.raises(Exception):  # noqa: B017 - V1 and V2 raise their own
+        _fit(
+            tmp_path,
+            loop,
+            {"epochs": 3, "fail_at": 2, "fail_rank": 1, "fail_always": True},
+        )
+    runs = _runs(tmp_path)
+    assert len(runs) == 1
+    ((_, (run,)),) = runs.items()
+    assert run.exit_code == 1
+    assert "stopped by Ray Train" in run.summary[ERROR_KEY]
+
+
+@pytest.mark.xfail(
+    not TRAIN_V2,
+    strict=True,
+    reason="Ray 2.30 pickles the trainer, training loop included, into "
+    "trainer.pkl: a key given as api_key= is in it (README: Ray Train)",
+)
+def test_a_key_given_to_a_decorated_training_loop_is_in_no_file(
+    ray_session, tmp_path, monkeypatch
+):
+    from tests.test_lifecycle import UNREACHABLE
+
+    online = {k: v for k, v in UNREACHABLE.items() if k != "api_key"}
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-dir"))
+    loop = wandb_trainable(project="train", api_key=KEY, **online)(_loop)
+    _fit(tmp_path, loop, {"epochs": 2})
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == "debug-internal.log" for p in written)  # W&B ran
+    assert [str(p) for p in written if KEY.encode() in p.read_bytes()] == []
+
+
+@pytest.mark.skipif(not TRAIN_V2, reason="Ray 2.30 has no TuneReportCallback")
+def test_a_decorated_training_loop_in_a_decorated_tune_trial_is_one_run(
+    ray_session, tmp_path
+):
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    loop = wandb_trainable(project="train")(_loop)
+
+    @wandb_trainable(project="train")
+    def trial(config):
+        trial_id = tune.get_context().get_trial_id()
+        DataParallelTrainer(
+            loop,
+            train_loop_config={"epochs": 3},
+            scaling_config=scaling(2, cpus_per_worker=0.5),
+            run_config=TrainRunConfig(
+                name=f"train-{trial_id}",
+                storage_path=str(tmp_path / "train-storage"),
+                callbacks=[TuneReportCallback()],
+            ),
+        ).fit()
+
+    results = tune.Tuner(
+        tune.with_resources(trial, {"cpu": 0.5}),
+        param_space={"x": tune.grid_search([1, 2])},
+        run_config=tune.RunConfig(storage_path=str(tmp_path / "storage"), verbose=0),
+    ).fit()
+    assert not results.errors
+    runs = read_runs(tmp_path)
+    assert len(runs) == 2, sorted(runs)  # the trials' runs, none from the loops
+    for result in results:
+        ((run,),) = [runs[result.metrics["trial_id"]]]
+        assert run.column("loss") == [1.0, 2.0, 3.0]
+        assert run.exit_code == 0

@@ -1,0 +1,154 @@
+"""``@wandb_trainable`` on a Ray Train training loop: one W&B run per
+training run, logged by rank 0.
+
+Ray Train runs the decorated ``train_loop_per_worker`` on every worker.
+Rank 0 starts the run (id stable for the run's storage path and name, so a
+worker-group restart or a re-fit that resumes from the run's checkpoint
+continues it; name = the run's name; config = ``train_loop_config``), mirrors
+every ``ray.train.report`` into it as one row, and finishes it when the loop
+returns (exit code 0) or raises (exit code 1, the error in the summary). Other
+ranks start no run. Inside a Tune trial (Ray's ``TuneReportCallback`` in the
+trainer's RunConfig) rank 0's reports already reach the trial's run through
+Tune, so the loop opens none.
+
+Ray Train kills workers without running their ``finally`` when another
+worker fails or ``fit()`` is interrupted; on Train V2 rank 0 finishes its run
+(exit code 1) in Ray's worker-shutdown hook first.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, Optional
+
+from wandbtune import _compat, _init_guard
+from wandbtune._row import TRAINING_ITERATION
+from wandbtune._run import TrialRun, flush_wandb, start_or_warn
+from wandbtune._settings import Settings
+
+logger = logging.getLogger("wandbtune")
+
+__all__ = ["ERROR_KEY", "training_loop_run"]
+
+#: The run summary key holding ``Type: message`` of the error that ended it.
+ERROR_KEY = "train/error"
+#: How long finishing waits for W&B's service at the end: Ray Train gives a
+#: worker's shutdown hooks 5 s in all before it kills the worker.
+_SHUTDOWN_FLUSH_S = 3.0
+
+_noted: set[str] = set()
+
+
+@contextmanager
+def training_loop_run(settings: Settings, config: Mapping[str, Any]) -> Iterator[None]:
+    """Around one Ray Train worker's training loop: see the module docstring."""
+    if _compat.world_rank() != 0:
+        yield
+        return
+    if _compat.train_reports_to_tune():
+        _note_once(
+            "tune",
+            "this Ray Train run reports into a Tune trial (TuneReportCallback): "
+            "rank 0's reports are logged to the trial's W&B run, and the "
+            "decorated training loop opens no run of its own.",
+        )
+        yield
+        return
+    identity = _compat.train_run_identity()
+    run = start_or_warn(
+        settings.merged(config),
+        trial_id=identity["run_id"],
+        trial_name=identity["name"],
+        experiment=None,
+        config=config,
+        dir=identity["dir"],
+    )
+    if run is None:  # W&B could not start: train on without it
+        yield
+        return
+    loop = _TrainingLoopRun(run)
+    loop.begin()
+    try:
+        yield
+    except BaseException as exc:
+        loop.end(failed=True, error=f"{type(exc).__name__}: {exc}")
+        raise
+    loop.end(failed=False)
+
+
+class _TrainingLoopRun:
+    """Rank 0's run while the loop runs: mirrors reports, finishes once."""
+
+    def __init__(self, run: TrialRun) -> None:
+        self.run = run
+        # Train V1 has no report count that survives a restart: go on after
+        # what earlier attempts logged.
+        self.count = run.logged_by_earlier_attempts or 0
+        self._owner: Any = None
+        self._original: Optional[Callable[..., Any]] = None
+        self._ended = threading.Lock()
+        self._done = False
+
+    def begin(self) -> None:
+        self._owner = _compat.train_report_owner()
+        self._original = self._owner.report
+        self._owner.report = self._report
+        _init_guard.install(self.run.run)
+        _compat.train_on_worker_shutdown(self._killed)
+
+    def _report(self, *args: Any, **kwargs: Any) -> Any:
+        assert self._original is not None
+        before = _compat.train_report_index()
+        out = self._original(*args, **kwargs)
+        index = _compat.train_report_index()
+        if index is None:
+            self.count += 1
+            index = self.count
+        elif index == before:
+            return out  # V2 skipped this report (a worker failed meanwhile)
+        metrics = args[0] if args else kwargs.get("metrics")
+        checkpoint = args[1] if len(args) > 1 else kwargs.get("checkpoint")
+        if isinstance(metrics, Mapping):
+            self.run.log_result({**metrics, TRAINING_ITERATION: index})
+        if checkpoint is not None:
+            self.run.log_checkpoint(checkpoint, index)
+        return out
+
+    def _killed(self) -> None:
+        self.end(
+            failed=True,
+            error="stopped by Ray Train before the training loop returned "
+            "(another worker failed, or fit() was interrupted)",
+            flush_s=_SHUTDOWN_FLUSH_S,
+        )
+
+    def end(
+        self,
+        *,
+        failed: bool,
+        error: Optional[str] = None,
+        flush_s: Optional[float] = None,
+    ) -> None:
+        with self._ended:
+            if self._done:
+                return
+            self._done = True
+        if self._owner is not None and self._original is not None:
+            self._owner.report = self._original
+        _init_guard.remove()
+        if error is not None:
+            try:
+                self.run.run.summary[ERROR_KEY] = error[:1000]
+            except Exception:  # noqa: BLE001 - never stops training
+                logger.debug("wandbtune: error not recorded", exc_info=True)
+        self.run.finish(failed=failed)
+        flush_wandb(flush_s)  # the worker is killed soon: write it out now
+
+
+def _note_once(what: str, message: str) -> None:
+    if what not in _noted:
+        _noted.add(what)
+        logger.warning("wandbtune: %s", message)
