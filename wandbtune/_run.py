@@ -84,7 +84,11 @@ def start_run(
 
     kwargs = init_kwargs(settings, require_project=require_project, **trial)
     key = None if settings.offline() else settings.read_api_key()
-    kwargs["settings"] = _wandb_settings(kwargs.get("settings"), key)
+    kwargs["settings"] = _wandb_settings(
+        kwargs.get("settings"),
+        key,
+        base_url=settings.environ.get("WANDB_BASE_URL"),
+    )
     if key:
         _compat.wandb_use_key(key)
     if not exclusive:
@@ -116,7 +120,12 @@ TEARDOWN_TIMEOUT_S = 30.0
 OUTAGE_TEARDOWN_S = 3.0
 
 
-def _wandb_settings(user: Any, api_key: str | None) -> Any:
+def _wandb_settings(
+    user: Any,
+    api_key: str | None,
+    *,
+    base_url: str | None = None,
+) -> Any:
     """The user's ``wandb.Settings`` (or dict), else quiet ones, with the key.
 
     Quiet by default: a sweep of many trials would otherwise print W&B's
@@ -128,6 +137,8 @@ def _wandb_settings(user: Any, api_key: str | None) -> Any:
 
     extra: dict[str, Any] = {"api_key": api_key} if api_key else {}
     extra_timeout: dict[str, Any] = {}
+    if base_url:  # the driver's WANDB_BASE_URL; the user's own setting wins
+        extra_timeout["base_url"] = base_url
     if "WANDB_INIT_TIMEOUT" not in os.environ:
         extra_timeout["init_timeout"] = INIT_TIMEOUT_S
     if "WANDB_FINISH_TIMEOUT" not in os.environ and _compat.wandb_has_setting(

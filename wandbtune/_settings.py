@@ -40,6 +40,7 @@ SHIPPED_ENV_VARS = (
     "WANDB_MODE",
     "WANDB_ENTITY",
     "WANDB_DIR",
+    "WANDB_BASE_URL",
 )
 
 
