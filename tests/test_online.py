@@ -1,0 +1,466 @@
+"""Online: real Tune sweeps, the real wandb client, and a W&B-compatible server
+on this machine (openwandb, see tests/wandb_server.py), reached through a
+proxy that can slow it down, throttle it, fail it, reject the key or stop
+answering. Every test checks what reached the server's store.
+
+The trials get the server's URL as a user would give it: ``WANDB_BASE_URL``
+in the driver's environment before Ray starts (the ``online`` fixture; Ray's
+processes on this machine inherit it), and the API key as ``api_key=`` (a
+made-up key; the server takes any). A URL set on the driver after Ray started
+reaches the trials too: wandbtune ships it with the trainable (the last test).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ray import tune
+
+from tests.helpers import tune_iterations
+from tests.online_fixtures import *  # noqa: F403 - the fixtures
+from tests.online_fixtures import Online, ray_worker_logs, with_key
+from tests.raycompat import Checkpoint, FailureConfig, RunConfig, get_checkpoint, report
+from tests.wandb_server import FAKE_KEY
+from wandbtune import WandbLoggerCallback, wandb_trainable
+from wandbtune._run import INIT_TIMEOUT_S, TEARDOWN_TIMEOUT_S
+
+#: W&B's client backs off ~20 s, then ~33 s, after a 5xx from the file stream
+#: (measured, wandb 0.31); tests that inject 5xx shorten that (the property
+#: checked, no row lost, does not depend on how long it waits).
+SHORT_BACKOFF = {
+    "x_file_stream_retry_wait_min_seconds": 0.2,
+    "x_file_stream_retry_wait_max_seconds": 1.0,
+    "x_graphql_retry_wait_min_seconds": 0.2,
+    "x_graphql_retry_wait_max_seconds": 1.0,
+}
+
+
+def fit(
+    trainable: Any,
+    tmp_path: Path,
+    param_space: dict[str, Any] | None = None,
+    *,
+    name: str = "exp",
+    **run_config: Any,
+) -> Any:
+    return tune.Tuner(
+        trainable,
+        param_space=param_space or {},
+        run_config=RunConfig(
+            name=name, storage_path=str(tmp_path / "results"), verbose=0, **run_config
+        ),
+    ).fit()
+
+
+class At(tune.Callback):
+    """Calls ``action`` (in the driver) when a trial reports ``iteration``.
+
+    Tune pickles its callbacks into the experiment state: the action is not.
+    """
+
+    def __init__(self, iteration: int, action: Any) -> None:
+        self.iteration = iteration
+        self.action = action
+        self.done = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "action": None}
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if not self.done and result["training_iteration"] == self.iteration:
+            self.done = True
+            self.action()
+
+
+def trial_id(result: Any) -> str:
+    return str(result.metrics["trial_id"])
+
+
+# --- a) complete runs, from the decorator and from the callback -------------------
+
+
+@wandb_trainable(project="online-decorator", **with_key())
+def five_reports(config):
+    for i in range(1, 6):
+        report({"score": config["lr"] * i, "i": i})
+
+
+def plain_five_reports(config):
+    for i in range(1, 6):
+        report({"score": config["lr"] * i, "i": i})
+
+
+@pytest.fixture(scope="module")
+def sweeps(online: Online, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One decorated and one callback sweep of 2 trials x 5 reports, online,
+    each request and answer 40 ms late (a server across a network)."""
+    tmp = tmp_path_factory.mktemp("sweeps")
+    online.proxy.reset()
+    online.proxy.set_latency(0.04)
+    try:
+        space = {"lr": tune.grid_search([0.1, 0.2])}
+        decorated = fit(five_reports, tmp / "decorator", space)
+        callback = fit(
+            plain_five_reports,
+            tmp / "callback",
+            space,
+            callbacks=[WandbLoggerCallback(project="online-callback", **with_key())],
+        )
+        return {
+            "decorator": decorated,
+            "callback": callback,
+            "dir": tmp,
+            "keys": online.proxy.keys_seen(),
+            "requests": online.proxy.count(),
+        }
+    finally:
+        online.proxy.reset()
+
+
+#: Values of every Tune result that wandbtune puts in the run config.
+IDENTITY = ("trial_id", "pid", "hostname", "node_ip")
+
+
+def _assert_complete_on_server(online: Online, results: Any, project: str) -> None:
+    assert len(results) == 2
+    assert all(result.error is None for result in results)
+    stored = online.store.runs(project)
+    assert sorted(stored) == sorted(trial_id(r) for r in results)
+    for result in results:
+        lr = result.config["lr"]
+        run = stored[trial_id(result)]
+        assert run.state == "finished"
+        assert run.name.endswith(trial_id(result))  # the trial's name
+        assert run.config == {
+            "lr": lr,
+            # identity values of Tune's results go to the config, once
+            **{k: result.metrics[k] for k in IDENTITY},
+        }
+        rows = online.store.rows(run.run_id)
+        assert len(rows) == 5, rows
+        assert [row["_step"] for row in rows] == [1, 2, 3, 4, 5]
+        assert [row["training_iteration"] for row in rows] == [1, 2, 3, 4, 5]
+        assert [row["i"] for row in rows] == [1, 2, 3, 4, 5]
+        assert [row["score"] for row in rows] == pytest.approx(
+            [lr * i for i in range(1, 6)]
+        )
+        assert run.summary["training_iteration"] == 5
+        assert run.summary["score"] == pytest.approx(lr * 5)
+
+
+# The first test sets the module up: openwandb (installed first on a fresh
+# machine), Ray, and the two sweeps.
+@pytest.mark.timeout(600)
+def test_every_trial_of_a_decorated_sweep_is_complete_on_the_server(online, sweeps):
+    assert sweeps["requests"] > 0  # through the proxy, as the URL says
+    _assert_complete_on_server(online, sweeps["decorator"], "online-decorator")
+
+
+def test_every_trial_logged_by_the_callback_is_complete_on_the_server(online, sweeps):
+    _assert_complete_on_server(online, sweeps["callback"], "online-callback")
+
+
+# --- f) the key ------------------------------------------------------------------
+
+
+def _files_with(text: str, roots: list[Path]) -> list[str]:
+    found = []
+    for root in roots:
+        paths = [root] if root.is_file() else root.rglob("*") if root.is_dir() else []
+        for path in paths:
+            try:
+                if path.is_file() and path.stat().st_size < 50_000_000:
+                    if text.encode() in path.read_bytes():
+                        found.append(str(path))
+            except OSError:
+                continue
+    return found
+
+
+def test_the_api_key_sent_to_the_server_is_written_to_no_file(online, sweeps):
+    import ray
+
+    assert sweeps["keys"] == {FAKE_KEY}  # the key did reach the server
+    home = Path.home()
+    ray_logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    roots = [
+        sweeps["dir"],  # Tune's storage; each trial's W&B dir is in its trial dir
+        home / ".netrc",
+        home / ".config" / "wandb",
+        ray_logs,
+    ]
+    written = [p for p in sweeps["dir"].rglob("*") if p.is_file()]
+    assert any(p.name == "tuner.pkl" for p in written)  # Tune wrote its state
+    assert any(p.suffix == ".wandb" for p in written)  # and W&B its run logs
+    assert _files_with(FAKE_KEY, roots) == []
+
+
+# --- b) a retried trial ------------------------------------------------------------
+
+
+@wandb_trainable(project="online-retry", **with_key())
+def fails_once_at_four(config):
+    """Checkpoints every 2 iterations; raises before reporting iteration 4,
+    once. The retry goes on from iteration 2: Tune hears iteration 3 twice."""
+    marker = Path(config["marker"])
+    start = 0
+    checkpoint = get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as path:
+            start = json.loads(Path(path, "state.json").read_text())["i"]
+    for i in range(start + 1, 7):
+        if i == 4 and not marker.exists():
+            marker.touch()
+            raise RuntimeError("flaky at 4")
+        if i % 2:
+            report({"score": i * 10})
+            continue
+        with tempfile.TemporaryDirectory() as path:
+            Path(path, "state.json").write_text(json.dumps({"i": i}))
+            report({"score": i * 10}, checkpoint=Checkpoint.from_directory(path))
+
+
+def test_a_retried_trial_continues_its_server_run_without_repeating_a_row(
+    online, proxy, tmp_path
+):
+    # The retry resumes the run (same id): W&B's client reports run.resumed
+    # and restores the summary, from which wandbtune knows the iterations
+    # already logged. (openwandb needs the resume fix in tests/wandb_server.py
+    # for that; without it iteration 3 is on the server twice.)
+    (result,) = fit(
+        fails_once_at_four,
+        tmp_path,
+        {"marker": str(tmp_path / "failed-once")},
+        failure_config=FailureConfig(max_failures=1),
+    )
+    assert result.error is None
+    assert tune_iterations(result) == [1, 2, 3, 3, 4, 5, 6]  # Tune got 3 twice
+
+    run_id = trial_id(result)
+    assert list(online.store.runs("online-retry")) == [run_id]  # one run
+    rows = online.store.rows(run_id)
+    assert len(rows) == 6, rows
+    assert [(r["_step"], r["training_iteration"], r["score"]) for r in rows] == [
+        (i, i, i * 10) for i in range(1, 7)
+    ]
+    run = online.store.run(run_id)
+    assert run is not None and run.state == "finished"
+    assert run.config["marker"] == str(tmp_path / "failed-once")
+    assert run.config["trial_id"] == run_id
+    # Each attempt ended its run: the first failed, the retry finished.
+    ends = [
+        s.exitcode
+        for s in proxy.seen
+        if s.complete and s.status == 200 and f"/{run_id}/file_stream" in s.path
+    ]
+    assert ends == [1, 0]
+
+
+# --- c) throttling and server errors -----------------------------------------------
+
+
+@wandb_trainable(project="online-bursts", settings=SHORT_BACKOFF, **with_key())
+def eight_reports(config):
+    for i in range(1, 9):
+        time.sleep(0.1)
+        report({"score": i * 10})
+
+
+def test_throttling_and_server_errors_mid_run_lose_no_row(online, proxy, tmp_path):
+    def bursts() -> None:
+        # From iteration 2 on: the next GraphQL call and 2 file-stream
+        # requests are throttled (429, Retry-After: 1), then 2 file-stream
+        # requests fail with 503 and 1 GraphQL call with 500.
+        proxy.throttle(1, retry_after=1, path="/graphql")
+        proxy.throttle(2, retry_after=1, path="/file_stream")
+        proxy.answer(503, 2, path="/file_stream")
+        proxy.answer(500, 1, path="/graphql")
+
+    (result,) = fit(eight_reports, tmp_path, callbacks=[At(2, bursts)])
+    assert result.error is None
+    assert tune_iterations(result) == list(range(1, 9))
+    # The faults happened, all of them
+    assert proxy.count("/graphql", status=429) == 1
+    assert proxy.count("/file_stream", status=429) == 2
+    assert proxy.count("/file_stream", status=503) == 2
+    assert proxy.count("/graphql", status=500) == 1
+    # and W&B's client retried through them: every row, once.
+    rows = online.store.rows(trial_id(result))
+    assert len(rows) == 8, rows
+    assert [(r["training_iteration"], r["score"]) for r in rows] == [
+        (i, i * 10) for i in range(1, 9)
+    ]
+    run = online.store.run(trial_id(result))
+    assert run is not None and run.state == "finished"
+
+
+# --- d) a server that stops answering ------------------------------------------------
+
+
+@wandb_trainable(project="online-silent", **with_key())
+def six_slow_reports(config):
+    import wandb
+
+    assert wandb.run is not None  # waits until the run has started on the server
+    for i in range(1, 7):
+        time.sleep(0.2)
+        report({"score": i * 10})
+
+
+#: How long a trial's end waits for W&B at most (wandbtune._run: W&B gets
+#: INIT_TIMEOUT_S to start a run and TEARDOWN_TIMEOUT_S to finish; the trial's
+#: end waits for both plus 15 s, _mixin._END_WAIT_S). Tune itself kills a
+#: stopping actor after 5 s at the end of an experiment.
+TRIAL_END_BOUND_S = INIT_TIMEOUT_S + TEARDOWN_TIMEOUT_S + 15.0
+
+
+@pytest.fixture(scope="module")
+def silent_sweep(online: Online, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """One trial; the server stops answering after its second report."""
+    tmp = tmp_path_factory.mktemp("silent")
+    last_report: list[float] = []
+    online.proxy.reset()
+    try:
+        (result,) = fit(
+            six_slow_reports,
+            tmp,
+            callbacks=[
+                At(2, online.proxy.stop_answering),
+                At(6, lambda: last_report.append(time.monotonic())),
+            ],
+        )
+        return {
+            "result": result,
+            # from the trial's last report to the end of fit()
+            "end": time.monotonic() - last_report[0],
+            "unanswered": online.proxy.count(status=None),
+            "dir": tmp,
+        }
+    finally:
+        online.proxy.reset()
+
+
+def test_a_server_that_stops_answering_mid_run_holds_training_up_a_bounded_time(
+    online, silent_sweep
+):
+    result = silent_sweep["result"]
+    assert result.error is None
+    assert tune_iterations(result) == [1, 2, 3, 4, 5, 6]  # every report reached Tune
+    assert silent_sweep["unanswered"] > 0  # requests were left unanswered
+    # Measured: about 5 s (at the end of an experiment Tune kills a stopping
+    # actor after 5 s, W&B thread or not).
+    assert silent_sweep["end"] < TRIAL_END_BOUND_S, silent_sweep["end"]
+    # The run was created before the server fell silent; its end never arrived.
+    run = online.store.run(trial_id(result))
+    assert run is not None and run.state == "running"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="OPEN (issue #11): at the end of an experiment Tune kills a stopping "
+    "trial's actor after 5 s, while W&B's service, the actor's child, still waits "
+    "for the silent server (finish_timeout 120 s) and has not written its run log "
+    "(32 KiB blocks): the rows are on neither the server nor the disk. A shorter "
+    "finish_timeout loses the rows W&B's client would have retried (test above); "
+    "a W&B service that outlives the trial is the fix",
+)
+def test_rows_a_silent_server_did_not_get_stay_on_disk_for_wandb_sync(silent_sweep):
+    from wandbtune.testing import find_run_files, read_run
+
+    files = find_run_files(silent_sweep["dir"])
+    assert len(files) == 1, files  # the run's local log, for `wandb sync`
+    rows = read_run(files[0]).rows
+    assert [row["training_iteration"] for row in rows] == [1, 2, 3, 4, 5, 6]
+
+
+# --- e) a rejected key ---------------------------------------------------------------
+
+
+@wandb_trainable(project="online-rejected", **with_key())
+def three_reports(config):
+    for i in range(1, 4):
+        report({"score": i})
+
+
+@pytest.fixture(scope="module")
+def rejected_sweep(online: Online, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Two trials side by side while the server rejects the key (401): one
+    with the default settings, one with ``strict=True`` (in its config)."""
+    online.proxy.reset()
+    online.proxy.reject_all()
+    try:
+        results = fit(
+            three_reports,
+            tmp_path_factory.mktemp("rejected"),
+            {"wandb": {"strict": tune.grid_search([False, True])}},
+        )
+        return {
+            # by the trial's directory (its experiment tag): a trial that
+            # failed before its first result has no config in its Result
+            "results": {"strict=True" in Path(r.path).name: r for r in results},
+            "rejected": online.proxy.count(status=401),
+            "keys": online.proxy.keys_seen(),
+        }
+    finally:
+        online.proxy.reset()
+
+
+def test_a_rejected_key_turns_logging_off_once_and_the_trial_trains_on(
+    online, rejected_sweep
+):
+    assert rejected_sweep["rejected"] > 0  # the key was sent, and rejected
+    assert rejected_sweep["keys"] == {FAKE_KEY}
+    result = rejected_sweep["results"][False]
+    assert result.error is None
+    assert tune_iterations(result) == [1, 2, 3]
+    worker = ray_worker_logs(result.metrics["pid"])
+    assert worker.count("W&B logging is off for trial") == 1, worker[-3000:]
+    assert "strict=True" in worker  # the warning says how to fail instead
+    assert online.store.run(trial_id(result)) is None
+
+
+def test_with_strict_a_rejected_key_fails_the_trial(online, rejected_sweep):
+    result = rejected_sweep["results"][True]
+    assert result.error is not None
+    assert "401" in str(result.error)
+    assert "training_iteration" not in result.metrics  # no result reached Tune
+    assert online.store.run(trial_id_of_failed(result)) is None
+
+
+def trial_id_of_failed(result: Any) -> str:
+    # A trial that never reported has no metrics; its directory is named
+    # <trainable>_<trial id>_<index>_<config>_<date>, the id <5 hex>_<5 digits>.
+    found = re.search(r"_([0-9a-f]{5}_\d{5})_", Path(result.path).name)
+    assert found, result.path
+    return found.group(1)
+
+
+# --- the server's URL, set on the driver after Ray started ----------------------------
+
+
+@wandb_trainable(project="online-url", **with_key())
+def one_report(config):
+    report({"score": 1})
+
+
+def test_a_wandb_base_url_set_on_the_driver_after_ray_started_reaches_the_trials(
+    online, proxy, tmp_path, monkeypatch
+):
+    # Ray's processes were started with WANDB_BASE_URL = the proxy (fixture
+    # `online`). The user now points the driver at the server itself, as they
+    # would for a cluster started before (`ray start`) or on other nodes.
+    monkeypatch.setenv("WANDB_BASE_URL", online.server.url)  # shipped with the trainable
+    (result,) = fit(one_report, tmp_path)
+    assert result.error is None
+    run = online.store.run(trial_id(result))
+    assert run is not None and run.state == "finished"
+    # The run's traffic went to the shipped URL (only W&B's own telemetry,
+    # sent by wandb 0.31 from its environment, may still use the inherited one).
+    run_traffic = [s.path for s in proxy.seen if "otel" not in s.path]
+    assert run_traffic == []
