@@ -455,7 +455,7 @@ def test_a_wandb_base_url_set_on_the_driver_after_ray_started_reaches_the_trials
     # Ray's processes were started with WANDB_BASE_URL = the proxy (fixture
     # `online`). The user now points the driver at the server itself, as they
     # would for a cluster started before (`ray start`) or on other nodes.
-    monkeypatch.setenv("WANDB_BASE_URL", online.server.url)  # shipped with the trainable
+    monkeypatch.setenv("WANDB_BASE_URL", online.server.url)  # shipped by wandbtune
     (result,) = fit(one_report, tmp_path)
     assert result.error is None
     run = online.store.run(trial_id(result))
