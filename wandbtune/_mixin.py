@@ -19,8 +19,10 @@ from typing import Any, ClassVar, Optional
 
 from wandbtune import _compat, _init_guard
 from wandbtune._run import (
+    COMPLETED,
     INIT_TIMEOUT_S,
     TEARDOWN_TIMEOUT_S,
+    Outcome,
     TrialRun,
     exploit_of,
     flush_wandb,
@@ -65,6 +67,8 @@ class _Trial:
         #: Whether user code waits for the rows before it (until W&B once
         #: took longer than _WAIT_S: a hung W&B must not slow every report).
         self.patient = True
+        #: How the trial ended, where this process can tell (else the driver).
+        self.outcome: Optional[Outcome] = None
 
     # --- in the W&B thread ----------------------------------------------------
 
@@ -95,6 +99,8 @@ class _Trial:
         if self.error is not None:  # the trial ended before it could be raised
             logger.error("wandbtune: this trial's W&B run failed: %r", self.error)
         if self.run is not None:
+            if self.outcome is not None:
+                self.run.record_outcome(self.outcome)
             self.run.finish(failed=failed or self.failed, flush=flush)
         elif flush:
             flush_wandb()
@@ -184,16 +190,23 @@ class WandbTrainableMixin:
             self._wandbtune_before_user_code(trial)
         try:
             result: dict[str, Any] = super().train()  # type: ignore[misc]
-        except BaseException:
+        except BaseException as exc:
             # The trial is over: finish and flush now, before Tune hears of
             # it. At the end of an experiment Tune gives stopping actors 5 s
             # before it kills them, which a loaded machine can exceed.
+            if trial is not None:
+                trial.outcome = Outcome.of_error(exc)
             self._wandbtune_end(failed=True, flush=True, wait=True)
             raise
         if trial is not None:
             # Logged in the W&B thread while Tune handles the result; the
             # next train() waits for it before the function runs on.
             _worker.submit(trial.log_result, result)
+            if _compat.RESULT_DUPLICATE in result or (
+                result.get("done") and not _compat.is_function_trainable(self)
+            ):
+                # The function returned, or a class's step() said it is done.
+                trial.outcome = Outcome(COMPLETED)
             if _compat.RESULT_DUPLICATE in result:
                 # The function returned: its last result was the one before.
                 # Finish the run now, without holding up Tune. W&B's service

@@ -178,6 +178,36 @@ def start_or_warn(settings: Settings, **trial: Any) -> TrialRun | None:
         return None
 
 
+#: Run summary keys for how a trial ended (``tune/outcome``: one of
+#: COMPLETED, EARLY_STOPPED, ERROR, INTERRUPTED) and its error.
+OUTCOME_KEY = "tune/outcome"
+ERROR_KEY = "tune/error"
+#: The file in the run that holds a failed trial's traceback.
+TRACEBACK_FILE = "tune_error.txt"
+COMPLETED = "completed"
+EARLY_STOPPED = "early_stopped"
+ERROR = "error"
+INTERRUPTED = "interrupted"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a trial ended: ``name`` and, for ERROR, the error and traceback."""
+
+    name: str
+    error: str | None = None
+    traceback: str | None = None
+
+    @classmethod
+    def of_error(cls, exc: BaseException) -> Outcome:
+        import traceback
+
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        message = str(exc).strip().splitlines()
+        first = message[0] if message else ""
+        return cls(ERROR, f"{type(exc).__name__}: {first}"[:1000], text)
+
+
 class TrialRun:
     """A started W&B run and what wandbtune needs to feed and finish it."""
 
@@ -350,6 +380,22 @@ class TrialRun:
             )
             return None
         return step
+
+    def record_outcome(self, outcome: Outcome) -> None:
+        """Put how the trial ended in the run summary (and an error's
+        traceback in a file of the run); never raises."""
+        if self._finished:
+            return
+        self._set_summary(OUTCOME_KEY, outcome.name)
+        if outcome.error is not None:
+            self._set_summary(ERROR_KEY, outcome.error)
+        if outcome.traceback is not None:
+            try:
+                path = os.path.join(self.run.dir, TRACEBACK_FILE)
+                with open(path, "w", encoding="utf-8") as fh:
+                    fh.write(outcome.traceback)
+            except Exception as exc:  # noqa: BLE001 - never stops training
+                self._warn_once("traceback", f"traceback not saved: {exc!r}")
 
     def finish(self, *, failed: bool = False, flush: bool = False) -> None:
         """Finish the run (exit code 1 if failed) and, if asked, wait until
