@@ -31,6 +31,12 @@ def run_example(name: str, storage: Path, env: dict[str, str]) -> str:
         timeout=240,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # Quiet by default: none of W&B's own lines from the trials reach the
+    # user's terminal (through Ray's log forwarding), during fit() or after.
+    chatter = [
+        line for line in (proc.stdout + proc.stderr).splitlines() if "wandb: " in line
+    ]
+    assert chatter == []
     return proc.stdout
 
 

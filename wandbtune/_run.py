@@ -146,7 +146,7 @@ def _wandb_settings(
     ):
         extra_timeout["finish_timeout"] = FINISH_TIMEOUT_S
     if user is None:
-        return wandb.Settings(quiet=True, **extra_timeout, **extra)
+        return wandb.Settings(quiet=True, silent=True, **extra_timeout, **extra)
     if isinstance(user, Mapping):
         return wandb.Settings(**{**extra_timeout, **user, **extra})
     unset = {k: v for k, v in extra_timeout.items() if k not in user.model_fields_set}
