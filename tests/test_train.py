@@ -163,7 +163,13 @@ def test_a_decorated_training_loop_in_a_decorated_tune_trial_is_one_run(
 ):
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    loop = wandb_trainable(project="train")(_loop)
+    @wandb_trainable(project="train")
+    def loop(config):
+        import wandb
+
+        if ray.train.get_context().get_world_rank() == 0:
+            wandb.log({"own": 1})  # dropped: the trial's run is elsewhere
+        _loop(config)
 
     @wandb_trainable(project="train")
     def trial(config):
@@ -190,4 +196,5 @@ def test_a_decorated_training_loop_in_a_decorated_tune_trial_is_one_run(
     for result in results:
         ((run,),) = [runs[result.metrics["trial_id"]]]
         assert run.column("loss") == [1.0, 2.0, 3.0]
+        assert run.column("own") == []
         assert run.exit_code == 0

@@ -53,8 +53,14 @@ def training_loop_run(settings: Settings, config: Mapping[str, Any]) -> Iterator
             "tune",
             "this Ray Train run reports into a Tune trial (TuneReportCallback): "
             "rank 0's reports are logged to the trial's W&B run, and the "
-            "decorated training loop opens no run of its own.",
+            "decorated training loop opens no run of its own; wandb.log here "
+            "goes nowhere (log through ray.train.report).",
         )
+        import wandb
+
+        # A disabled run: the loop's own wandb.log calls are dropped, not
+        # raised on, and nothing is logged twice.
+        wandb.init(mode="disabled")
         yield
         return
     identity = _compat.train_run_identity()
