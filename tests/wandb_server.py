@@ -784,3 +784,60 @@ def _file_stream_end(body: bytes, headers: Any) -> tuple[Optional[bool], Optiona
     return bool(payload.get("complete")), exitcode if isinstance(
         exitcode, int
     ) else None
+
+
+# --- what openwandb keeps beside its columns ---------------------------------------
+
+
+@dataclass
+class StoredRunFiles:
+    """A run's tags and notes (database columns ``Store.run`` leaves out) and
+    the files openwandb keeps for it on disk: the history lines as the file
+    stream sent them (every value, not only the numbers of ``Store.rows``),
+    the uploaded ``wandb-summary.json`` (nested values too, unlike the
+    summary column, which keeps top-level scalars) and uploaded media."""
+
+    tags: list[str]
+    notes: str
+    #: the run's directory under the server's data directory
+    files_dir: Path
+
+    def history(self) -> list[dict[str, Any]]:
+        """Each line of ``wandb-history.jsonl``, in the order it arrived."""
+        path = self.files_dir / "wandb-history.jsonl"
+        if not path.exists():
+            return []
+        lines = path.read_text(encoding="utf-8").splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def summary(self) -> Optional[dict[str, Any]]:
+        """The uploaded ``wandb-summary.json``, or None if none was uploaded."""
+        path = self.files_dir / "wandb-summary.json"
+        if not path.exists():
+            return None
+        return dict(json.loads(path.read_text(encoding="utf-8")))
+
+    def file(self, name: str) -> Optional[bytes]:
+        """An uploaded file (``media/images/...``), or None."""
+        path = self.files_dir / name
+        return path.read_bytes() if path.is_file() else None
+
+
+def stored_run_files(store: Store, run_id: str) -> Optional[StoredRunFiles]:
+    """Tags, notes and files of the run ``run_id`` as ``store``'s server keeps
+    them (files under ``<data dir>/files/<entity>/<project>/<run id>``)."""
+    with store._db() as conn:
+        row = conn.execute(
+            "SELECT r.tags_json, r.notes, p.name AS project, t.name AS entity "
+            "FROM runs r JOIN projects p ON p.id = r.project_id "
+            "JOIN teams t ON t.id = p.team_id WHERE r.run_id = ?",
+            (run_id,),
+        ).fetchone()
+    if row is None:
+        return None
+    files_dir = store.db_path.parent / "files" / row["entity"] / row["project"]
+    return StoredRunFiles(
+        tags=list(json.loads(row["tags_json"] or "[]")),
+        notes=row["notes"] or "",
+        files_dir=files_dir / run_id,
+    )

@@ -149,7 +149,55 @@ def read_run(path: str | os.PathLike[str], *, partial: bool = False) -> RunFile:
     return run
 
 
+class _Node(dict[str, Any]):
+    """A summary value made of nested keys. A dict set as one value (one
+    key, no ``nested_key``) stays a plain dict: a leaf, as in wandb-core's
+    summary tree, replaced whole by a later nested update through it."""
+
+
+def _summary_path(item: Any) -> list[str]:
+    return list(item.nested_key) if item.nested_key else [item.key]
+
+
+def _apply_summary(node: _Node, summary: Any) -> None:
+    """Apply one summary record as wandb-core does: each update sets one leaf
+    (keeping its siblings), then each removed path is dropped."""
+    for item in summary.update:
+        *parents, leaf = _summary_path(item)
+        target = node
+        for part in parents:
+            child = target.get(part)
+            if not isinstance(child, _Node):
+                child = target[part] = _Node()
+            target = child
+        target[leaf] = json.loads(item.value_json)
+    for item in summary.remove:
+        *parents, leaf = _summary_path(item)
+        target = node
+        for part in parents:
+            child = target.get(part)
+            if not isinstance(child, _Node):
+                break
+            target = child
+        else:
+            target.pop(leaf, None)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, _Node):
+        return {key: _plain(child) for key, child in value.items()}
+    return value
+
+
 def _read_into(run: RunFile, records: Iterator[Any]) -> None:
+    summary = _Node()
+    try:
+        _read_records(run, records, summary)
+    finally:  # also what was read before damage (partial=True)
+        run.summary = _plain(summary)
+
+
+def _read_records(run: RunFile, records: Iterator[Any], summary: _Node) -> None:
     for record in records:
         kind = record.WhichOneof("record_type")
         if kind == "run":
@@ -165,7 +213,7 @@ def _read_into(run: RunFile, records: Iterator[Any]) -> None:
         elif kind == "history":
             run.rows.append(_items(record.history.item))
         elif kind == "summary":
-            run.summary.update(_items(record.summary.update))
+            _apply_summary(summary, record.summary)
         elif kind == "metric":
             run.metrics.append(record.metric)
         elif kind == "artifact":
@@ -177,9 +225,9 @@ def _read_into(run: RunFile, records: Iterator[Any]) -> None:
 def _config(items: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in _items(items).items():
-        # Older writers wrap each entry as {"value": ..., "desc": ...}.
-        wrapped = isinstance(value, dict) and "value" in value
-        wrapped = wrapped and set(value) <= {"value", "desc"}
+        # Older writers wrap each entry as {"value": ..., "desc": ...}; a
+        # user's {"value": x} is not unwrapped (W&B keeps it as logged).
+        wrapped = isinstance(value, dict) and set(value) == {"value", "desc"}
         out[key] = value["value"] if wrapped else value
     return out
 
