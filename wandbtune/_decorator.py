@@ -33,6 +33,7 @@ def wandb_trainable(
     log_config: bool = False,
     upload_checkpoints: bool = False,
     strict: bool = False,
+    all_ranks: bool = False,
     **wandb_init_kwargs: Any,
 ) -> Callable[[F], F]: ...
 
@@ -49,6 +50,7 @@ def wandb_trainable(
     log_config: bool = False,
     upload_checkpoints: bool = False,
     strict: bool = False,
+    all_ranks: bool = False,
     **wandb_init_kwargs: Any,
 ) -> Any:
     """Log every trial of a Ray Tune trainable as one W&B run.
@@ -58,7 +60,9 @@ def wandb_trainable(
     ``api_key``, ``excludes``, ``log_config``, ``upload_checkpoints``; any other
     keyword goes to ``wandb.init``. If W&B cannot start a trial's run (an
     outage, a bad key), the trial trains on without W&B after one warning;
-    ``strict=True`` fails the trial instead. A ``"wandb"`` dict in a trial's config
+    ``strict=True`` fails the trial instead. On a Ray Train training loop,
+    ``all_ranks=True`` has every rank join rank 0's run (W&B's shared mode,
+    online only). A ``"wandb"`` dict in a trial's config
     overrides these for that trial and is never logged as config.
 
     Each trial gets a run with id = trial id, name = trial name, group =
@@ -81,9 +85,11 @@ def wandb_trainable(
         log_config=log_config,
         upload_checkpoints=upload_checkpoints,
         strict=strict,
+        all_ranks=all_ranks,
         **wandb_init_kwargs,
     )
     settings.check_init_kwargs("@wandb_trainable")
+    settings.check_all_ranks("@wandb_trainable")
     if fn is None:
         return functools.partial(_decorate, settings=settings)
     return _decorate(fn, settings)

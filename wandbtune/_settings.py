@@ -22,6 +22,7 @@ _OWN = (
     "log_config",
     "upload_checkpoints",
     "strict",
+    "all_ranks",
 )
 
 #: ``wandb.init`` arguments that wandbtune sets itself, per trial.
@@ -79,6 +80,9 @@ class Settings:
     #: Fail the trial when W&B cannot start a run (default: log a warning and
     #: train on without W&B for that trial).
     strict: bool = False
+    #: Ray Train: every rank joins rank 0's run (W&B's shared mode, online),
+    #: labelled by rank, with its system metrics and console.
+    all_ranks: bool = False
     init_kwargs: Mapping[str, Any] = field(default_factory=dict)
     #: The driver's SHIPPED_ENV_VARS, captured when the trainable is pickled
     #: for the workers; they win over the worker's own environment.
@@ -127,7 +131,7 @@ class Settings:
                 f"{where}: excludes must be a list of metric names (strings), "
                 f"e.g. excludes=['debug'], got {excludes!r}."
             )
-        for key in ("log_config", "upload_checkpoints", "strict"):
+        for key in ("log_config", "upload_checkpoints", "strict", "all_ranks"):
             if key in own and not isinstance(own[key], bool):
                 raise ConfigError(
                     f"{where}: {key} must be True or False, got {own[key]!r}."
@@ -147,6 +151,7 @@ class Settings:
             log_config=own.get("log_config", False),
             upload_checkpoints=own.get("upload_checkpoints", False),
             strict=own.get("strict", False),
+            all_ranks=own.get("all_ranks", False),
             init_kwargs=dict(kwargs),
         )
 
@@ -200,9 +205,20 @@ class Settings:
             raise TypeError(
                 f"{where}: unknown argument(s) {', '.join(unknown)}. Other than "
                 "project, group, api_key_file, api_key, excludes, log_config, "
-                "upload_checkpoints and strict, arguments go to wandb.init, which "
+                "upload_checkpoints, strict and all_ranks, arguments go to "
+                "wandb.init, which "
                 "takes: "
                 f"{', '.join(sorted(accepted))}."
+            )
+
+    def check_all_ranks(self, where: str) -> None:
+        """``all_ranks`` needs W&B's shared mode: online only."""
+        if self.all_ranks and self.offline():
+            raise ConfigError(
+                f"{where}: all_ranks=True needs W&B online: every rank writes to "
+                "rank 0's run through W&B's shared mode, which offline and "
+                f"disabled runs do not have (mode is {self.mode()!r}). Remove "
+                "all_ranks, or log online."
             )
 
     def resolved_project(self) -> str | None:

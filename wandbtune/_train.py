@@ -22,6 +22,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any, Optional
 
 from wandbtune import _compat, _init_guard
@@ -45,8 +46,14 @@ _noted: set[str] = set()
 @contextmanager
 def training_loop_run(settings: Settings, config: Mapping[str, Any]) -> Iterator[None]:
     """Around one Ray Train worker's training loop: see the module docstring."""
-    if _compat.world_rank() != 0:
-        yield
+    rank = _compat.world_rank()
+    settings = settings.merged(config)
+    if rank != 0:
+        if settings.all_ranks:
+            with _rank_in_shared_run(settings, config, rank):
+                yield
+        else:
+            yield
         return
     if _compat.train_reports_to_tune():
         _note_once(
@@ -64,8 +71,10 @@ def training_loop_run(settings: Settings, config: Mapping[str, Any]) -> Iterator
         yield
         return
     identity = _compat.train_run_identity()
+    if settings.all_ranks:
+        settings = _shared(settings, rank=0)
     run = start_or_warn(
-        settings.merged(config),
+        settings,
         trial_id=identity["run_id"],
         trial_name=identity["name"],
         experiment=None,
@@ -83,6 +92,52 @@ def training_loop_run(settings: Settings, config: Mapping[str, Any]) -> Iterator
         loop.end(failed=True, error=f"{type(exc).__name__}: {exc}")
         raise
     loop.end(failed=False)
+
+
+def _shared(settings: Settings, rank: Optional[int]) -> Settings:
+    """Settings that join the run in W&B's shared mode as ``rank-<rank>``;
+    rank 0 is the primary writer, the only one that sets the run's state."""
+    import wandb
+
+    settings.check_all_ranks("all_ranks")
+    shared: dict[str, Any] = {
+        "mode": "shared",
+        "x_label": f"rank-{rank}",
+        "x_primary": rank == 0,
+        "x_update_finish_state": rank == 0,
+    }
+    user = settings.init_kwargs.get("settings")
+    if user is None:
+        merged: Any = wandb.Settings(quiet=True, silent=True).model_copy(update=shared)
+    elif isinstance(user, Mapping):
+        merged = {**user, **shared}
+    else:
+        merged = user.model_copy(update=shared)
+    init = {k: v for k, v in settings.init_kwargs.items() if k != "mode"}
+    environ = {k: v for k, v in settings.environ.items() if k != "WANDB_MODE"}
+    return replace(settings, init_kwargs={**init, "settings": merged}, environ=environ)
+
+
+@contextmanager
+def _rank_in_shared_run(
+    settings: Settings, config: Mapping[str, Any], rank: Optional[int]
+) -> Iterator[None]:
+    """A rank other than 0 with ``all_ranks``: joins rank 0's run for its
+    system metrics and console, logs no rows."""
+    identity = _compat.train_run_identity()
+    run = start_or_warn(
+        _shared(settings, rank),
+        trial_id=identity["run_id"],
+        trial_name=identity["name"],
+        experiment=None,
+        config={},
+        dir=None,  # its own files stay on its node; rank 0's is the run's log
+    )
+    try:
+        yield
+    finally:
+        if run is not None:
+            run.finish(flush=True)
 
 
 class _TrainingLoopRun:
