@@ -189,6 +189,7 @@ class Settings:
         merged = self.merged(trial_config)
         if merged is not self:
             merged.check_init_kwargs(f'config["{CONFIG_KEY}"]')
+            merged.check_all_ranks(f'config["{CONFIG_KEY}"]')
         return merged
 
     def check_init_kwargs(self, where: str) -> None:
