@@ -18,12 +18,22 @@ record. Writes ``bench.md``, ``bench.png`` and ``bench.json`` to ``--out``.
 
     python benchmarks/bench.py --rounds 3 --out benchmarks/results
 
+``--online`` runs ``bare`` and the four W&B variants with ``mode="online"``
+against a W&B-compatible server on this machine (openwandb) behind a proxy
+adding 40 ms each way; it checks every run on the server's store when
+``fit()`` returns, and writes ``online.md`` and ``online.json`` (and
+``online.png`` if matplotlib is installed)::
+
+    python benchmarks/bench.py --online --rounds 2 --out benchmarks/results
+
 This file runs the rounds; the rest lives beside it, imported from the
 script's directory (which Python puts first on ``sys.path``):
 
 - ``bench_variants.py``: the shapes and the variants (what is run);
 - ``bench_measure.py``: wall time, actors, processes and memory;
 - ``bench_check.py``: reading the W&B run files back, counting complete runs;
+- ``bench_online.py``: the server and the proxy for ``--online``, and
+  reading the runs back from the server;
 - ``bench_report.py``: the table, the chart and the JSON;
 - ``bench_source.py``: the wandbtune snapshot and the machine, for the header.
 """
@@ -35,7 +45,9 @@ import datetime
 import os
 import shlex
 import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -44,10 +56,19 @@ from typing import Any
 
 import bench_check
 import bench_measure
+import bench_online
 import bench_report
 import bench_source
 import bench_variants
-from bench_variants import DEFAULT_SHAPES, LARGE_SHAPE, VARIANTS
+from bench_variants import (
+    DEFAULT_SHAPES,
+    LARGE_SHAPE,
+    ONLINE_MAX_CONCURRENT,
+    ONLINE_SHAPES,
+    ONLINE_VARIANTS,
+    ONLINE_WORK_MS,
+    VARIANTS,
+)
 
 # Before the chdir into the temporary directory: where a stray ./wandb can be.
 START_DIR = os.getcwd()
@@ -61,9 +82,15 @@ def run_sweep(
     storage: str,
     name: str,
     check: bool = True,
+    work_s: float = 0.0,
+    work: str = "sleep",
+    max_concurrent: int | None = None,
+    online: bench_online.Online | None = None,
 ) -> dict[str, Any]:
     """One ``Tuner.fit()`` of one variant, measured and (``check``) its runs
-    read back. Errors are recorded in the result, never raised."""
+    read back: from the run files, or for an online variant from the
+    server, once when ``fit()`` returns and again once the sweep's processes
+    have ended. Errors are recorded in the result, never raised."""
     from ray import tune
 
     rec: dict[str, Any] = {
@@ -73,18 +100,38 @@ def run_sweep(
         "reuse": reuse,
         "name": name,
     }
+    param_space: dict[str, Any] = {
+        "n": reports,
+        "x": tune.grid_search(list(range(trials))),
+    }
+    if work_s:
+        param_space.update(work_s=work_s, work=work)
+        rec.update(work_s=work_s, work=work)
+    if max_concurrent:
+        rec["max_concurrent_trials"] = max_concurrent
+    on_server = online is not None and bench_variants.is_online(variant)
     try:
         trainable, callbacks = bench_variants.make_variant(variant)
         tuner = tune.Tuner(
             trainable,
-            param_space={"n": reports, "x": tune.grid_search(list(range(trials)))},
-            tune_config=tune.TuneConfig(reuse_actors=reuse),
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                reuse_actors=reuse, max_concurrent_trials=max_concurrent
+            ),
             run_config=tune.RunConfig(
                 storage_path=storage, name=name, verbose=0, callbacks=callbacks
             ),
         )
+        requests = online.requests() if online else {}
         with bench_measure.measured(rec):
             grid = tuner.fit()
+        if on_server:
+            assert online is not None
+            # At once: what a user opening the W&B page as fit() returns sees.
+            configs = {str(r.metrics["trial_id"]): r.config for r in grid if r.metrics}
+            rec["server_at_return"] = bench_online.check_server_runs(
+                online.store, configs, reports
+            )
         errors = [str(e).strip().splitlines()[0][:200] for e in grid.errors]
         if errors:
             rec["error"] = f"{len(errors)} trial(s) failed: {errors[0]}"
@@ -98,15 +145,32 @@ def run_sweep(
         if short or len(trial_ids) != trials:
             rec.setdefault("error", f"Tune got fewer results than reported: {short}")
         rec["leftover"] = bench_measure.wait_quiet()
-        if check and variant != "bare":
+        if on_server:
+            assert online is not None
+            rec["server_after_wait"] = bench_online.check_server_runs(
+                online.store, configs, reports
+            )
+        elif check and variant != "bare":
             rec["runs"] = bench_check.check_runs(
                 storage, name, trial_ids, reports, START_DIR
             )
+        if online:
+            rec["requests"] = bench_online.requests_delta(requests, online.requests())
     except Exception as exc:  # noqa: BLE001 - one failing variant must not stop the rest
         rec["error"] = f"{type(exc).__name__}: {str(exc).strip()[:300]}"
         rec["traceback"] = traceback.format_exc()
         rec["leftover"] = bench_measure.wait_quiet()
     return rec
+
+
+def uptime() -> str:
+    """``uptime``'s line (the load of the shared machine), or the load averages."""
+    try:
+        return subprocess.run(
+            ["uptime"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+    except Exception:  # noqa: BLE001
+        return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def main() -> int:
@@ -120,11 +184,48 @@ def main() -> int:
     parser.add_argument(
         "--shapes", nargs="*", help="TRIALSxREPORTS, replaces the defaults"
     )
-    parser.add_argument("--variants", nargs="*", choices=VARIANTS, default=VARIANTS)
+    parser.add_argument(
+        "--variants",
+        nargs="*",
+        choices=VARIANTS + ONLINE_VARIANTS,
+        help="default: the five offline ones; with --online, the online ones",
+    )
     parser.add_argument(
         "--reuse", nargs="*", choices=["False", "True"], default=["False", "True"]
     )
     parser.add_argument("--no-warmup", action="store_true")
+    parser.add_argument(
+        "--online",
+        action="store_true",
+        help="bare and the *-online variants against a local W&B-compatible "
+        f"server behind a slow proxy; default shape {' '.join(ONLINE_SHAPES)}, "
+        f"{ONLINE_WORK_MS:g} ms of work per report, {ONLINE_MAX_CONCURRENT} "
+        "trials at a time; writes online.md/online.json",
+    )
+    parser.add_argument(
+        "--latency-ms",
+        type=float,
+        default=bench_online.DEFAULT_LATENCY_S * 1000,
+        help="--online: added by the proxy to each request and each answer",
+    )
+    parser.add_argument(
+        "--work-ms",
+        type=float,
+        help=f"work before each report (default {ONLINE_WORK_MS:g} with --online, "
+        "else 0)",
+    )
+    parser.add_argument(
+        "--work",
+        choices=["sleep", "cpu"],
+        default="sleep",
+        help="the work: time.sleep (done elsewhere, as on a GPU) or a busy loop",
+    )
+    parser.add_argument(
+        "--max-concurrent",
+        type=int,
+        help="TuneConfig(max_concurrent_trials=); default "
+        f"{ONLINE_MAX_CONCURRENT} with --online, else unset",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temp storage dir")
     parser.add_argument(
         "--live",
@@ -146,12 +247,33 @@ def main() -> int:
 
     command = shlex.join(["python", *sys.argv])
     start = time.time()
-    os.environ["WANDB_MODE"] = "offline"
+    uptime_start = uptime()
     os.environ["WANDB_SILENT"] = "true"
-    shapes = args.shapes or (DEFAULT_SHAPES + ([LARGE_SHAPE] if args.large else []))
-    variants = [v for v in VARIANTS if v in args.variants]
+    if args.online:
+        offered = ["bare", *ONLINE_VARIANTS]
+        shapes = args.shapes or ONLINE_SHAPES
+        work_ms = ONLINE_WORK_MS if args.work_ms is None else args.work_ms
+        max_concurrent = args.max_concurrent or ONLINE_MAX_CONCURRENT
+    else:
+        os.environ["WANDB_MODE"] = "offline"
+        offered = VARIANTS
+        shapes = args.shapes or (DEFAULT_SHAPES + ([LARGE_SHAPE] if args.large else []))
+        work_ms = args.work_ms or 0.0
+        max_concurrent = args.max_concurrent
+    wrong = [v for v in args.variants or [] if v not in offered]
+    if wrong:
+        parser.error(
+            f"{' '.join(wrong)}: {'not ' if args.online else ''}"
+            "an online variant (those run with --online)"
+        )
+    variants = [v for v in offered if v in (args.variants or offered)]
     if "bare" not in variants:
         variants.insert(0, "bare")  # the reference for every ratio
+    sweep_options: dict[str, Any] = {
+        "work_s": work_ms / 1000,
+        "work": args.work,
+        "max_concurrent": max_concurrent,
+    }
     configs = [(s, r == "True") for s in shapes for r in args.reuse]
 
     args.out = os.path.abspath(args.out)
@@ -170,19 +292,36 @@ def main() -> int:
         # wandbtune/ there does not shadow the snapshot.
         os.chdir(tmp)
 
-    import ray
-
-    ray.init(num_cpus=2)
-    source["worker_imports"] = bench_source.worker_import_path()
-    print(
-        f"storage under {tmp}; Ray session {bench_check.session_dir()}; "
-        f"wandbtune {source}",
-        flush=True,
-    )
-    if not args.live and not source["worker_imports"].startswith(source["snapshot"]):
-        print("WARNING: Ray workers do not import the snapshot", flush=True)
+    # SIGTERM ends the run through the finally below (server, proxy, temp dir).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     records: list[dict[str, Any]] = []
+    online: bench_online.Online | None = None
+    online_info: dict[str, Any] = {}
     try:
+        if args.online:
+            # Before ray.init: every Ray process inherits the URL and the key.
+            online = bench_online.Online(
+                os.path.join(tmp, "openwandb"), args.latency_ms / 1000
+            ).start()
+            sweep_options["online"] = online
+            os.environ["WANDB_BASE_URL"] = online.url
+            os.environ["WANDB_API_KEY"] = online.key
+            online_info = online.describe()
+            print(f"online: {online_info}", flush=True)
+
+        import ray
+
+        ray.init(num_cpus=2)
+        source["worker_imports"] = bench_source.worker_import_path()
+        print(
+            f"storage under {tmp}; Ray session {bench_check.session_dir()}; "
+            f"wandbtune {source}",
+            flush=True,
+        )
+        if not args.live and not source["worker_imports"].startswith(
+            source["snapshot"]
+        ):
+            print("WARNING: Ray workers do not import the snapshot", flush=True)
         if not args.no_warmup:
             # imports, worker start-up, W&B binaries: not timed
             trials, reports = bench_variants.WARMUP_SHAPE
@@ -195,6 +334,7 @@ def main() -> int:
                     tmp,
                     f"warmup-{variant}",
                     check=False,
+                    **sweep_options,
                 )
                 print(
                     f"warm-up {variant}: {rec.get('wall_s', 0):.2f} s "
@@ -209,11 +349,25 @@ def main() -> int:
                 for variant in order:
                     name = f"r{rnd}-{shape}-reuse{int(reuse)}-{variant}"
                     load1 = os.getloadavg()[0]
-                    rec = run_sweep(variant, trials, reports, reuse, tmp, name)
+                    rec = run_sweep(
+                        variant, trials, reports, reuse, tmp, name, **sweep_options
+                    )
                     rec["round"] = rnd
                     rec["load1_at_start"] = load1
                     records.append(rec)
                     runs = rec.get("runs", {})
+                    server = ""
+                    if "server_at_return" in rec:
+                        at, later = rec["server_at_return"], rec["server_after_wait"]
+                        server = (
+                            f"server: complete {at['runs_complete']}/"
+                            f"{at['runs_expected']} at return, "
+                            f"{later['runs_complete']} after; states "
+                            f"{at['states']} -> {later['states']}; "
+                            f"requests {rec.get('requests')} "
+                            f"wandb MB/trial "
+                            f"{rec['procs']['wandb_rss_per_trial_mb']:.0f} "
+                        )
                     print(
                         f"round {rnd + 1}/{args.rounds} {shape} reuse={reuse} "
                         f"{variant:20s} {rec.get('wall_s', float('nan')):7.2f} s "
@@ -222,12 +376,14 @@ def main() -> int:
                         f"runs={runs.get('runs_complete')}/{runs.get('runs_expected')} "
                         f"storage={runs.get('storage_runs_complete')} "
                         f"places={runs.get('places')} leftover={rec.get('leftover')} "
-                        f"{rec.get('error', '')}",
+                        f"{server}{rec.get('error', '')}",
                         flush=True,
                     )
                     if not args.keep:
                         shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
     finally:
+        if online is not None:
+            online.stop()
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
     source["sha1_end"] = bench_source.fingerprint(pkg)
@@ -243,8 +399,17 @@ def main() -> int:
         "load_min": min(loads),
         "load_max": max(loads),
         "total_min": (time.time() - start) / 60,
+        "uptime_start": uptime_start,
+        "uptime_end": uptime(),
+        "sweep": {k: v for k, v in sweep_options.items() if k != "online"},
+        "online": online_info,
     }
-    text = bench_report.write_report(args.out, records, meta, configs, variants)
+    if args.online:
+        text = bench_report.write_online_report(
+            args.out, records, meta, configs, variants
+        )
+    else:
+        text = bench_report.write_report(args.out, records, meta, configs, variants)
     print(text, flush=True)
     print(f"total {meta['total_min']:.1f} min", flush=True)
     return 0

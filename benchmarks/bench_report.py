@@ -1,9 +1,11 @@
 """Writing the report: the summary table (``bench.md``), the raw measurements
-(``bench.json``) and the chart (``bench.png``).
+(``bench.json``) and the chart (``bench.png``); for ``--online``,
+``online.md``, ``online.json`` and (if matplotlib is there) ``online.png``.
 
 ``summarize`` turns the sweeps' records into one row per shape,
 ``reuse_actors`` and variant (median and range over the rounds, ratios to
-``bare``); ``markdown`` and ``chart`` render those rows.
+``bare``); ``markdown`` and ``chart`` render those rows, ``online_markdown``
+the online ones.
 """
 
 from __future__ import annotations
@@ -15,7 +17,14 @@ import statistics
 from typing import Any
 
 from bench_measure import QUIET_TIMEOUT_S, SAMPLE_INTERVAL_S
-from bench_variants import parse_shape
+from bench_variants import ONLINE_SUFFIX, parse_shape
+
+#: The issue's goal online (#11): the decorator and wandbtune's callback.
+ONLINE_GOAL_RATIO = 1.3
+ONLINE_GOAL_VARIANTS = (
+    "decorator" + ONLINE_SUFFIX,
+    "wandbtune-callback" + ONLINE_SUFFIX,
+)
 
 
 def shape_key(rec: dict[str, Any]) -> tuple[str, bool]:
@@ -308,6 +317,305 @@ def chart(
     plt.close(fig)
 
 
+def server_completeness(recs: list[dict[str, Any]], key: str) -> str:
+    """Runs complete on the server over the rounds (``key``: when ``fit()``
+    returned, or after the sweep's processes ended); what was lacking if any."""
+    checks = [(r.get("round"), r[key]) for r in recs if key in r]
+    if not checks:
+        return "–"
+    exp = sum(c["runs_expected"] for _, c in checks)
+    ok = sum(c["runs_complete"] for _, c in checks)
+    if ok == exp:
+        return f"{ok}/{exp}"
+    parts = [f"**{ok}/{exp}**"]
+    per_round = ", ".join(
+        f"{c['runs_complete']}/{c['runs_expected']}" for _, c in checks
+    )
+    parts.append(f"by round {per_round}")
+    states: collections.Counter[str] = collections.Counter()
+    for _, c in checks:
+        states.update(c["states"])
+    parts.append("states " + ", ".join(f"{k} {v}" for k, v in sorted(states.items())))
+    missing = sum(c["missing_rows"] for _, c in checks)
+    if missing:
+        parts.append(f"{missing} rows missing")
+    bad_config = sum(c["runs_found"] - c["runs_config_ok"] for _, c in checks)
+    if bad_config:
+        parts.append(f"{bad_config} without the trial's config")
+    return "; ".join(parts)
+
+
+def summarize_online(
+    records: list[dict[str, Any]], configs: list[tuple[str, bool]], variants: list[str]
+) -> list[dict[str, Any]]:
+    """``summarize``'s rows, with the server's completeness, W&B's memory per
+    concurrent trial and the requests through the proxy."""
+    rows = summarize(records, configs, variants)
+    for row in rows:
+        recs = [
+            r
+            for r in records
+            if shape_key(r) == (row["shape"], row["reuse"])
+            and r["variant"] == row["variant"]
+        ]
+        good = [r for r in recs if "error" not in r and "procs" in r]
+        row["server_at_return"] = server_completeness(recs, "server_at_return")
+        row["server_after_wait"] = server_completeness(recs, "server_after_wait")
+        row["server_all_complete_at_return"] = all(
+            r["server_at_return"]["runs_complete"]
+            == r["server_at_return"]["runs_expected"]
+            for r in recs
+            if "server_at_return" in r
+        ) and any("server_at_return" in r for r in recs)
+        row["wandb_mb_per_trial"] = [r["procs"]["wandb_rss_per_trial_mb"] for r in good]
+        row["wandb_mb_per_trial_median_sample"] = [
+            r["procs"]["wandb_rss_per_trial_median_mb"] for r in good
+        ]
+        row["trials_max_alive"] = [r["procs"]["trials_max_alive"] for r in good]
+        row["requests"] = [r.get("requests", {}).get("total", 0) for r in recs]
+    # Peak RSS (workers + wandb-core) above bare's, per concurrent trial: what
+    # W&B costs in all, its client in the trial processes included.
+    for row in rows:
+        bare = next(
+            (
+                b
+                for b in rows
+                if (b["shape"], b["reuse"]) == (row["shape"], row["reuse"])
+                and b["variant"] == "bare"
+            ),
+            None,
+        )
+        trials = max(row["trials_max_alive"], default=0)
+        if bare and bare.get("rss") and row.get("rss") and trials:
+            row["added_rss_per_trial_mb"] = (
+                statistics.median(row["rss"]) - statistics.median(bare["rss"])
+            ) / trials
+    return rows
+
+
+def online_markdown(
+    rows: list[dict[str, Any]], meta: dict[str, Any], records: list[dict[str, Any]]
+) -> str:
+    m = meta["machine"]
+    o = meta["online"]
+    sweep = meta["sweep"]
+    lines = [
+        "# wandbtune benchmark, online",
+        "",
+        f"{meta['date']} · {m['nproc']} CPUs ({m['cpu']}), {m['ram']} RAM · "
+        f"Python {m['python']}, ray {m['ray']}, wandb {m['wandb']}, "
+        f"wandbtune {m['wandbtune']} ({meta['source']}) · rounds: {meta['rounds']} · "
+        f"total {meta['total_min']:.1f} min · command: `{meta['command']}`",
+        "",
+        f"Server: {o['server']} on 127.0.0.1 behind a proxy (in a process of its "
+        f"own) adding {o['latency_ms_each_way']:g} ms to each request and "
+        f"{o['latency_ms_each_way']:g} ms to each answer; `WANDB_BASE_URL` = the "
+        "proxy, `WANDB_API_KEY` = a made-up `local-…` key, both set before "
+        f"`ray.init`. Each trial: {sweep['work_s'] * 1000:g} ms of work "
+        f"(`{sweep['work']}`) before each report; "
+        f"`max_concurrent_trials={sweep['max_concurrent']}`; 1 CPU each, "
+        "`ray.init(num_cpus=2)`.",
+        "",
+        "Load of the shared machine (`uptime`): before "
+        f"`{meta['uptime_start']}`; after `{meta['uptime_end']}`. 1-min load "
+        f"average at sweep starts: median {meta['load_median']:.2f}, "
+        f"{meta['load_min']:.2f}–{meta['load_max']:.2f}.",
+        "",
+        "Wall time is `Tuner.fit()`; median [min–max] over rounds; × bare = median "
+        "/ bare median. W&B MB per concurrent trial: the largest RSS sum of W&B's "
+        "processes (wandb-core, wherever it runs) in one sample / the most trial "
+        "processes alive in one sample; median over rounds (wandb-core only: "
+        "the W&B client inside a trial's process is in peak RSS). Peak RSS: the "
+        "largest RSS sum of Ray workers and wandb-core processes in one sample, "
+        "median over rounds. Added MB per concurrent trial: (peak RSS − bare's "
+        "peak RSS) / the most trial processes alive in one sample, W&B's client "
+        "in the trial processes and Ray's logging actors included. Complete on the "
+        "server: the trial's run is in the server's store with state `finished`, "
+        "the trial's config (`n`, `x`) and a row for every reported `step`; read "
+        "as `fit()` returns, and again once the sweep's Ray workers and "
+        f"wandb-core processes have ended (at most {QUIET_TIMEOUT_S:.0f} s later). "
+        "Requests: through the proxy during the sweep, median over rounds.",
+        "",
+        "| shape | reuse_actors | variant | wall s, median [range] | × bare "
+        "| W&B MB per concurrent trial | peak RSS MB "
+        "| added MB per concurrent trial | actors started "
+        "| processes started (workers + wandb-core) "
+        "| complete on the server when fit() returned "
+        "| complete once its processes ended | requests |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if "wall_med" not in row:
+            err = row["errors"][0] if row["errors"] else "no data"
+            lines.append(
+                f"| {row['shape']} | {row['reuse']} | {row['variant']} | "
+                f"**error** ({row['rounds'] - row['rounds_ok']}/{row['rounds']} "
+                f"rounds): {err.replace('|', '/')} | | | | | | | | | |"
+            )
+            continue
+        wall = fmt_range(row["walls"])
+        if row["errors"]:
+            wall += (
+                f" ({row['rounds'] - row['rounds_ok']} rounds failed: "
+                f"{row['errors'][0].replace('|', '/')})"
+            )
+        ratio = f"{row['ratio']:.2f}" if "ratio" in row else "–"
+        if row["variant"] == "bare":
+            ratio = "1.00"
+        rss = f"{statistics.median(row['rss']):.0f}"
+        added = (
+            f"{row['added_rss_per_trial_mb']:+.0f}"
+            if "added_rss_per_trial_mb" in row and row["variant"] != "bare"
+            else "–"
+        )
+        mem = (
+            f"{statistics.median(row['wandb_mb_per_trial']):.0f}"
+            if row["variant"] != "bare"
+            else "–"
+        )
+        procs = f"{fmt_counts(row['workers'])} + {fmt_counts(row['wandb_core'])}"
+        lines.append(
+            f"| {row['shape']} | {row['reuse']} | {row['variant']} | {wall} "
+            f"| {ratio} | {mem} | {rss} | {added} | {fmt_counts(row['actors'])} "
+            f"| {procs} "
+            f"| {row['server_at_return']} | {row['server_after_wait']} "
+            f"| {statistics.median(row['requests']):.0f} |"
+        )
+    lines += ["", "## Against the issue's goals", ""]
+    lines.append(
+        f"- `Tuner.fit()` ≤ {ONLINE_GOAL_RATIO}× bare for the decorator and "
+        "wandbtune's callback:"
+    )
+    for row in rows:
+        if row["variant"] in ONLINE_GOAL_VARIANTS and "ratio" in row:
+            met = "met" if row["ratio"] <= ONLINE_GOAL_RATIO else "**missed**"
+            lines.append(
+                f"  - {row['shape']} reuse={row['reuse']} {row['variant']}: "
+                f"{row['ratio']:.2f} ({met}; rounds "
+                f"{row['ratio_min']:.2f}–{row['ratio_max']:.2f})"
+            )
+    lines.append("- every run complete on the server when `fit()` returns:")
+    for row in rows:
+        if row["variant"] != "bare":
+            met = "yes" if row["server_all_complete_at_return"] else "**no**"
+            lines.append(
+                f"  - {row['shape']} reuse={row['reuse']} {row['variant']}: {met} "
+                f"({row['server_at_return']})"
+            )
+    lines += ["", "## Details", ""]
+    lines.append("Actors started, by class (per round when rounds differ):")
+    lines.append("")
+    for row in rows:
+        if "actor_classes" not in row:
+            continue
+        uniq = [json.dumps(c) for c in row["actor_classes"]]
+        shown = uniq[0] if len(set(uniq)) == 1 else " / ".join(uniq)
+        lines.append(
+            f"- {row['shape']} reuse={row['reuse']} {row['variant']}: "
+            + shown.replace('"', "")
+        )
+    lines += [
+        "",
+        "W&B memory per concurrent trial, per round (peak-sum / trials alive; in "
+        "brackets the median over samples of W&B RSS / trial processes alive "
+        "then):",
+        "",
+    ]
+    for row in rows:
+        if row["variant"] == "bare" or not row.get("wandb_mb_per_trial"):
+            continue
+        per = ", ".join(
+            f"{a:.0f} [{b:.0f}] ({t} trials)"
+            for a, b, t in zip(
+                row["wandb_mb_per_trial"],
+                row["wandb_mb_per_trial_median_sample"],
+                row["trials_max_alive"],
+                strict=True,
+            )
+        )
+        lines.append(f"- {row['shape']} reuse={row['reuse']} {row['variant']}: {per}")
+    lines += ["", "Runs not complete on the server when `fit()` returned:", ""]
+    bad = [
+        (r, inc)
+        for r in records
+        for inc in r.get("server_at_return", {}).get("incomplete", [])
+    ]
+    for r, inc in bad:
+        shape, reuse = shape_key(r)
+        later = {
+            i["trial_id"]: i
+            for i in r.get("server_after_wait", {}).get("incomplete", [])
+        }
+        after = later.get(inc["trial_id"])
+        lines.append(
+            f"- round {r['round'] + 1}, {shape} reuse={reuse} {r['variant']}, "
+            f"trial {inc['trial_id']}: {json.dumps(inc)}; after the processes "
+            f"ended: {json.dumps(after) if after else 'complete'}"
+        )
+    if not bad:
+        lines.append("- none")
+    left = [
+        (row["shape"], row["reuse"], row["variant"], row["leftover"])
+        for row in rows
+        if row["leftover"]
+    ]
+    lines += [
+        "",
+        f"Processes still busy {QUIET_TIMEOUT_S:.0f} s after `fit()` "
+        "returned (busy Ray workers, wandb-core):",
+        "",
+    ]
+    lines += [f"- {s} reuse={r} {v}: {lo}" for s, r, v, lo in left] or ["- none"]
+    errs = [
+        (row["shape"], row["reuse"], row["variant"], e)
+        for row in rows
+        for e in row["errors"]
+    ]
+    lines += ["", "Errors:", ""]
+    lines += [f"- {s} reuse={r} {v}: {e}" for s, r, v, e in errs] or ["- none"]
+    return "\n".join(lines) + "\n"
+
+
+def try_chart(
+    rows: list[dict[str, Any]], variants: list[str], path: str, title: str
+) -> None:
+    """``chart``, or a note when matplotlib is not installed."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print(f"matplotlib is not installed: no {path}", flush=True)
+        return
+    chart(rows, variants, path, title)
+
+
+def write_online_report(
+    out: str,
+    records: list[dict[str, Any]],
+    meta: dict[str, Any],
+    configs: list[tuple[str, bool]],
+    variants: list[str],
+) -> str:
+    """Write online.md, online.json and (with matplotlib) online.png to ``out``;
+    returns online.md's text."""
+    rows = summarize_online(records, configs, variants)
+    text = online_markdown(rows, meta, records)
+    with open(os.path.join(out, "online.md"), "w") as fh:
+        fh.write(text)
+    with open(os.path.join(out, "online.json"), "w") as fh:
+        json.dump({"meta": meta, "records": records}, fh, indent=1, default=str)
+    m = meta["machine"]
+    try_chart(
+        rows,
+        variants,
+        os.path.join(out, "online.png"),
+        f"Tuner.fit() time relative to no logging, online "
+        f"(+{meta['online']['latency_ms_each_way']:g} ms each way) · "
+        f"{meta['rounds']} rounds · {m['nproc']} CPUs · ray {m['ray']}, "
+        f"wandb {m['wandb']}",
+    )
+    return text
+
+
 def write_report(
     out: str,
     records: list[dict[str, Any]],
@@ -322,7 +630,7 @@ def write_report(
     with open(os.path.join(out, "bench.json"), "w") as fh:
         json.dump({"meta": meta, "records": records}, fh, indent=1, default=str)
     m = meta["machine"]
-    chart(
+    try_chart(
         rows,
         variants,
         os.path.join(out, "bench.png"),

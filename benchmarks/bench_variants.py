@@ -8,12 +8,15 @@ The trainables are pickled *by value*, as they were when they lived in the
 script's ``__main__``: ``make_variant`` registers this module with Ray's
 cloudpickle, so Ray workers do not need to import it.
 
-Online variants (``<variant>-online``) are the same four W&B variants with
-``mode="online"`` passed to W&B's entry point. They are defined here but not
-yet offered on the command line: they need a server, whose URL and key reach
-every Ray worker through ``WANDB_BASE_URL`` / ``WANDB_API_KEY`` set in
-``os.environ`` before ``ray.init`` (``WANDB_MODE`` stays ``offline`` for the
-offline variants; ``mode=`` at ``wandb.init`` overrides it).
+Online variants (``<variant>-online``, run by ``bench.py --online``) are the
+same four W&B variants with ``mode="online"`` passed to W&B's entry point.
+They need a server, whose URL and key reach every Ray worker through
+``WANDB_BASE_URL`` / ``WANDB_API_KEY`` set in ``os.environ`` before
+``ray.init`` (see ``bench_online.py``).
+
+A trial can do some work before each report (``work_s`` in its config,
+absent for the offline shapes): ``time.sleep`` (``work="sleep"``, work done
+elsewhere, as on a GPU) or a busy loop on the trial's core (``work="cpu"``).
 """
 
 from __future__ import annotations
@@ -35,6 +38,11 @@ DEFAULT_SHAPES = ["8x200", "1x3000"]
 LARGE_SHAPE = "64x50"
 WARMUP_SHAPE = (2, 5)  # trials, reports: one untimed sweep per variant
 PROJECT = "bench"
+# The online shape (issue #11): 6 trials x 20 reports, 20 ms of work before
+# each report, 2 trials at a time.
+ONLINE_SHAPES = ["6x20"]
+ONLINE_WORK_MS = 20.0
+ONLINE_MAX_CONCURRENT = 2
 
 
 def parse_shape(shape: str) -> tuple[int, int]:
@@ -52,11 +60,27 @@ def is_online(variant: str) -> bool:
 # --------------------------------------------------------------------------
 
 
+def work(config: dict[str, Any]) -> None:
+    """The trial's work before one report: ``work_s`` seconds, if set."""
+    import time
+
+    seconds = config.get("work_s", 0)
+    if not seconds:
+        return
+    if config.get("work", "sleep") == "sleep":
+        time.sleep(seconds)
+        return
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
 def train_plain(config: dict[str, Any]) -> None:
     from ray import tune
 
     n = config["n"]
     for i in range(n):
+        work(config)
         tune.report({"loss": 1.0 / (i + 1), "acc": i / n, "step": i})
 
 
@@ -67,6 +91,7 @@ def train_setup_wandb(config: dict[str, Any]) -> None:
     run = setup_wandb(config, project="bench")
     n = config["n"]
     for i in range(n):
+        work(config)
         metrics = {"loss": 1.0 / (i + 1), "acc": i / n, "step": i}
         run.log(metrics)
         tune.report(metrics)
@@ -81,6 +106,7 @@ def train_setup_wandb_online(config: dict[str, Any]) -> None:
     run = setup_wandb(config, project="bench", mode="online")
     n = config["n"]
     for i in range(n):
+        work(config)
         metrics = {"loss": 1.0 / (i + 1), "acc": i / n, "step": i}
         run.log(metrics)
         tune.report(metrics)
