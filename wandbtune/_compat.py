@@ -331,14 +331,20 @@ def wandb_own_service() -> None:
         os.environ.pop("WANDB_SERVICE", None)
 
 
-def wandb_kill_service() -> bool:
+def wandb_setup() -> Any:
+    """W&B's setup object of this process (None before W&B is set up)."""
+    return _wandb_setup()
+
+
+def wandb_kill_service(setup: Any = None) -> bool:
     """Kill this process's W&B service (its child process); True if done.
 
     For a service that does not exit when asked (wandb 0.19 waits for network
-    retries that never end while W&B is unreachable).
+    retries that never end while W&B is unreachable). ``setup``: W&B's setup
+    object as it was before ``wandb.teardown()``, which forgets it at once.
     """
 
-    setup = _wandb_setup()
+    setup = setup or _wandb_setup()
     connection = getattr(setup, "_connection", None)
     service = getattr(connection, "_proc", None)
     # The service's Popen: ``_internal_proc`` on wandb 0.19, ``_process`` on
@@ -501,3 +507,23 @@ def train_on_worker_shutdown(callback: Callable[[], None]) -> bool:
 
     callbacks.insert(0, _BeforeShutdown())  # first: the 5 s are shared
     return True
+
+
+def trial_error_message(trial: Any) -> Optional[str]:
+    """``Type: message`` of the error that failed a Tune trial (driver side),
+    from the error file Tune writes; None if unknown."""
+    try:
+        path = getattr(trial, "error_file", None)
+        if not path:
+            return None
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            text = fh.read()
+    except Exception:  # noqa: BLE001 - a guess, never a failure
+        return None
+    # Tune's error file ends with the traceback's last line: "Type: message".
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    for line in reversed(lines):
+        head = line.split(":", 1)[0].strip()
+        if head and head.replace(".", "").replace("_", "").isalnum() and ":" in line:
+            return line.strip()[:1000]
+    return lines[-1][:1000] if lines else None

@@ -576,6 +576,9 @@ def flush_wandb(timeout: float | None = None, *, warn: bool = True) -> None:
         return
     limit = TEARDOWN_TIMEOUT_S if timeout is None else timeout
     errors: list[BaseException] = []
+    # wandb.teardown() forgets W&B's setup (and its service) first thing:
+    # keep hold of it to stop a service that does not exit.
+    setup = _compat.wandb_setup()
 
     def teardown() -> None:
         try:
@@ -587,7 +590,7 @@ def flush_wandb(timeout: float | None = None, *, warn: bool = True) -> None:
     thread.start()
     thread.join(limit)
     if thread.is_alive():
-        stopped = _compat.wandb_kill_service()
+        stopped = _compat.wandb_kill_service(setup)
         thread.join(5.0)
         if not warn:
             return
