@@ -7,8 +7,12 @@ read the ``run-*.wandb`` files W&B would sync (wandbtune.testing).
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +35,39 @@ for var in (
     os.environ.pop(var, None)
 
 
+#: How long the driver's W&B gets to shut down after a module's tests.
+TEARDOWN_S = 60.0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_driver_wandb_service_across_modules() -> Iterator[None]:
+    """Each module starts without a W&B service token in this process's
+    environment, and leaves none behind.
+
+    A W&B run in the driver (the callback's, or a test's own) starts a service
+    and puts its token, ``WANDB_SERVICE``, in ``os.environ``; every Ray started
+    afterwards hands it to its workers, so a later module's trials would not
+    be what they claim. After each module, W&B is shut down in the driver and
+    the token dropped.
+    """
+    assert "WANDB_SERVICE" not in os.environ, (
+        "a W&B service token was inherited from before this module "
+        f"(WANDB_SERVICE={os.environ.get('WANDB_SERVICE')!r})"
+    )
+    yield
+    wandb = sys.modules.get("wandb")
+    if wandb is not None:
+        # In a thread: a service W&B cannot shut down must fail the module,
+        # not hang the suite.
+        done = threading.Thread(target=wandb.teardown, daemon=True)
+        done.start()
+        done.join(TEARDOWN_S)
+        assert not done.is_alive(), (
+            f"W&B did not shut down in the driver within {TEARDOWN_S:.0f} s"
+        )
+    os.environ.pop("WANDB_SERVICE", None)
+
+
 @pytest.fixture(scope="module")
 def ray_session() -> Any:
     """One small local Ray for the whole module (trainables in ``tests`` are
@@ -42,6 +79,10 @@ def ray_session() -> Any:
     ray.shutdown()
 
 
+#: The running Ray's session directory (its processes' logs are in "logs").
+_session: dict[str, Path] = {}
+
+
 def start_ray() -> None:
     """(Re)start the suite's small local Ray; its processes take this
     process's environment as it is now."""
@@ -49,13 +90,24 @@ def start_ray() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(
+    context = ray.init(
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,
         runtime_env={
             "env_vars": {"PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path[:1]])}
         },
+    )
+    _session["dir"] = Path(context.address_info["session_dir"])
+
+
+def worker_stderr() -> str:
+    """Everything the processes of the Ray started by ``start_ray`` wrote to
+    stderr so far (Ray keeps each worker's in ``logs/worker-*.err``): what
+    trials log in their process, e.g. wandbtune's warnings."""
+    logs = _session["dir"] / "logs"
+    return "".join(
+        path.read_text(errors="replace") for path in sorted(logs.glob("worker-*.err"))
     )
 
 
@@ -70,3 +122,26 @@ def sweep(ray_session: Any, tmp_path: Path) -> Callable[..., Any]:
         return run_sweep(trainable, param_space or {}, tmp_path, **kwargs)
 
     return _run
+
+
+@contextmanager
+def child_process(
+    *args: str, env: dict[str, str] | None = None, stderr: int = subprocess.PIPE
+) -> Iterator[subprocess.Popen[str]]:
+    """A Python child (its stdout piped, as text) in its own process group;
+    on the way out, if it still runs, the whole group is killed (a Ray or a
+    W&B service it started with it)."""
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        env=os.environ.copy() if env is None else env,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()

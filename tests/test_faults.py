@@ -19,52 +19,63 @@ import pytest
 from ray import tune
 
 from tests.conftest import start_ray
-from tests.helpers import read_sweep, tune_iterations
+from tests.helpers import read_sweep
 from tests.raycompat import Checkpoint, FailureConfig, RunConfig, get_checkpoint, report
-from wandbtune import wandb_trainable
+from wandbtune import setup_wandb, wandb_trainable
 
 
-def _flaky(marker: Path, fail_at: int, iterations: int = 6):
-    """Checkpoints every 2 iterations; raises at ``fail_at`` once (marker)."""
+def _flaky(tmp_path: Path, fail_at: int, iterations: int = 6):
+    """Checkpoints every 2 iterations; its first attempt raises before
+    reporting ``fail_at``. Each attempt reports ``score = iteration * 10 +
+    attempt`` (attempts 1, 2, ... counted in a file), so a row says which
+    attempt logged it."""
+    attempts = tmp_path / "attempts"
 
     @wandb_trainable(project="faults")
     def flaky(config):
+        attempt = int(attempts.read_text()) + 1 if attempts.exists() else 1
+        attempts.write_text(str(attempt))
         start = 0
         checkpoint = get_checkpoint()
         if checkpoint:
             with checkpoint.as_directory() as path:
                 start = json.loads(Path(path, "state.json").read_text())["i"]
         for i in range(start + 1, iterations + 1):
-            if i == fail_at and not marker.exists():
-                marker.touch()
+            if i == fail_at and attempt == 1:
                 raise RuntimeError(f"flaky at {i}")
+            score = i * 10 + attempt
             if i % 2:
-                report({"score": i * 10})
+                report({"score": score})
                 continue
             with tempfile.TemporaryDirectory() as path:
                 Path(path, "state.json").write_text(json.dumps({"i": i}))
-                report({"score": i * 10}, checkpoint=Checkpoint.from_directory(path))
+                report({"score": score}, checkpoint=Checkpoint.from_directory(path))
 
     return flaky
 
 
-def _joined(attempts):
-    """The rows of every attempt of one run, in order, as (iteration, score)."""
+def _rows(run):
+    """A run file's rows as (training_iteration, score)."""
+    return [(row["training_iteration"], row["score"]) for row in run.rows]
+
+
+def _tune_rows(result):
+    """Every result Tune recorded for a trial, as (training_iteration, score)."""
+    df = result.metrics_dataframe
     return [
-        (row["training_iteration"], row["score"])
-        for run in attempts
-        for row in run.rows
+        (int(i), int(s))
+        for i, s in df[["training_iteration", "score"]].itertuples(index=False)
     ]
 
 
 def test_a_retried_trial_continues_its_run_and_sends_no_row_twice(
     ray_session, tmp_path
 ):
-    # Fails before reporting iteration 4; its last checkpoint is iteration 2,
-    # so Tune hears iteration 3 again from the retried attempt.
+    # The first attempt checkpoints at 2, reports 3, fails before 4; the
+    # retry goes on from the checkpoint, so Tune hears iteration 3 again.
     storage = tmp_path / "results"
     results = tune.Tuner(
-        _flaky(tmp_path / "failed-once", fail_at=4),
+        _flaky(tmp_path, fail_at=4),
         run_config=RunConfig(
             name="retry",
             storage_path=str(storage),
@@ -74,21 +85,30 @@ def test_a_retried_trial_continues_its_run_and_sends_no_row_twice(
     ).fit()
     (result,) = results
     assert result.error is None
-    assert tune_iterations(result) == [1, 2, 3, 3, 4, 5, 6]  # Tune got 3 twice
+    # score = iteration * 10 + attempt: Tune got 3 from both attempts
+    assert _tune_rows(result) == [
+        (1, 11), (2, 21), (3, 31), (3, 32), (4, 42), (5, 52), (6, 62)
+    ]  # fmt: skip
 
     out = read_sweep(results, storage, "retry", allow_attempts=True)
     ((trial_id, attempts),) = out.attempts.items()
     assert trial_id == result.metrics["trial_id"]
     assert len(attempts) == 2
     assert [run.exit_code for run in attempts] == [1, 0]  # failed, then finished
-    assert _joined(attempts) == [(i, i * 10) for i in range(1, 7)]
+    # W&B keeps the first attempt's iteration 3; the retry logs only after it.
+    assert [_rows(run) for run in attempts] == [
+        [(1, 11), (2, 21), (3, 31)],
+        [(4, 42), (5, 52), (6, 62)],
+    ]
 
 
 def test_tuner_restore_of_an_errored_experiment_continues_the_run(
     ray_session, tmp_path
 ):
+    # The first attempt checkpoints at 2 and 4, reports 5, fails before 6;
+    # the restored experiment goes on from 4, so Tune hears 5 again.
     storage = tmp_path / "results"
-    trainable = _flaky(tmp_path / "failed-once", fail_at=5)
+    trainable = _flaky(tmp_path, fail_at=6)
     first = tune.Tuner(
         trainable,
         run_config=RunConfig(name="restore", storage_path=str(storage), verbose=0),
@@ -100,11 +120,16 @@ def test_tuner_restore_of_an_errored_experiment_continues_the_run(
     ).fit()
     (result,) = restored
     assert result.error is None
+    assert _tune_rows(result)[-2:] == [(5, 52), (6, 62)]  # 5 again, from attempt 2
 
     out = read_sweep(restored, storage, "restore", allow_attempts=True)
     ((_, attempts),) = out.attempts.items()
     assert [run.exit_code for run in attempts] == [1, 0]
-    assert _joined(attempts) == [(i, i * 10) for i in range(1, 7)]
+    # W&B keeps the first attempt's iteration 5; the restored one logs only 6.
+    assert [_rows(run) for run in attempts] == [
+        [(1, 11), (2, 21), (3, 31), (4, 41), (5, 51)],
+        [(6, 62)],
+    ]
 
 
 class _KillAt(tune.Callback):
@@ -123,8 +148,10 @@ class _KillAt(tune.Callback):
 @pytest.fixture(params=["", "driver-run"])
 def driver_service(request, ray_session, tmp_path):
     """With "driver-run": the user has a W&B run open in the driver when Ray
-    starts, so every Ray worker inherits that W&B service's token."""
+    starts, so every Ray worker inherits that W&B service's token. Without:
+    no token anywhere (the baseline)."""
     if not request.param:
+        assert "WANDB_SERVICE" not in os.environ  # Ray started without one too
         yield
         return
     import wandb
@@ -136,27 +163,36 @@ def driver_service(request, ray_session, tmp_path):
         yield
     finally:
         mine.finish()
+        # Leave no token for what runs after: the driver's W&B is shut down
+        # and Ray restarted without it.
+        wandb.teardown()
+        os.environ.pop("WANDB_SERVICE", None)
+        start_ray()
+
+
+#: Rows of the killed-worker test: enough, and wide enough, that W&B's
+#: service has written more than one 32 KiB block of the run file when the
+#: worker is killed (an attempt's first rows then survive the kill).
+ROWS, KILL_AT, TEXT = 60, 30, "x" * 4096
 
 
 def test_a_killed_worker_loses_only_what_w_and_b_had_not_written(
     driver_service, tmp_path
 ):
     # W&B's service is a child of the trial's process and dies with it; it
-    # writes the run file in 32 KiB blocks, so what it still held is lost (for
-    # a small run, everything). What it wrote stays readable, the retried
-    # attempt continues the run, and nothing is sent twice.
+    # writes the run file in 32 KiB blocks, so what it still held is lost.
+    # What it wrote stays readable, the retried attempt continues the run
+    # after it, and nothing is sent twice.
     @wandb_trainable(project="faults")
     def steady(config):
-        import wandb
-
-        # The run starts in the background; touching it waits until it has
+        # The run starts in the background; holding it waits until it has
         # started, so the worker is killed with a run open.
-        assert wandb.run is not None
-        for i in range(1, 31):
-            report({"score": i * 10})
+        setup_wandb()
+        for i in range(1, ROWS + 1):
+            report({"score": i * 10, "text": TEXT})
 
     storage = tmp_path / "results"
-    killer = _KillAt(iteration=5)
+    killer = _KillAt(iteration=KILL_AT)
     results = tune.Tuner(
         steady,
         run_config=RunConfig(
@@ -171,18 +207,27 @@ def test_a_killed_worker_loses_only_what_w_and_b_had_not_written(
     assert killer.killed is not None and result.error is None
 
     out = read_sweep(results, storage, "killed", allow_attempts=True)
-    files = {p.name: p.stat().st_size for p in storage.rglob("run-*.wandb")}
-    assert len(out.attempts) == 1, (files, [len(r.rows) for r in out.aborted])
+    files = {
+        str(p.relative_to(storage)): p.stat().st_size
+        for p in storage.rglob("run-*.wandb")
+    }
+    # Both attempts' files have the run: the killed one got past its start.
+    assert out.aborted == [] and len(out.attempts) == 1, files
     ((_, attempts),) = out.attempts.items()
-    killed_files = [run for run in out.aborted] + attempts[:-1]
-    assert killed_files, "the killed attempt left no run file"
-    assert all(run.exit_code is None for run in killed_files)  # never finished
-    last = attempts[-1]
-    assert last.exit_code == 0
-    iterations = [i for run in attempts for i in run.column("training_iteration")]
-    assert iterations == sorted(set(iterations))  # strictly increasing
-    assert iterations[-1] == 30
+    assert len(attempts) == 2, files
+    killed, retried = attempts
+    assert killed.exit_code is None  # never finished
+    assert retried.exit_code == 0
+    # What the killed attempt's service wrote: its first rows, complete.
+    survived = killed.column("training_iteration")
+    assert len(survived) > 0, files
+    assert survived == list(range(1, len(survived) + 1))
+    assert killed.column("text") == [TEXT] * len(survived)
+    assert killed.column("score") == [i * 10 for i in survived]
     # The retried attempt restarted from scratch (no checkpoint): it logs
-    # every iteration the killed attempt's file does not already hold.
-    written = len(iterations) - len(last.rows)
-    assert last.column("training_iteration") == list(range(written + 1, 31))
+    # every iteration after those, none of them twice, up to the last.
+    assert retried.column("training_iteration") == list(
+        range(len(survived) + 1, ROWS + 1)
+    )
+    iterations = survived + retried.column("training_iteration")
+    assert iterations == list(range(1, ROWS + 1))

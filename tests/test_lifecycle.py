@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import re
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
+import pytest
+import wandb as _imported_in_trials  # noqa: F401 - see three_reports_without_w_and_b
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
+from tests.conftest import child_process, worker_stderr
 from tests.helpers import tune_iterations
 from tests.raycompat import report
 from wandbtune import wandb_trainable
@@ -156,18 +162,48 @@ UNREACHABLE = {
 UNREACHABLE_ERROR = r"127\.0\.0\.1:9|Run initialization has timed out"
 
 
-def test_when_w_and_b_is_unreachable_training_goes_on_without_it(sweep):
-    @wandb_trainable(project="outage", **UNREACHABLE)
-    def fn(config):
-        for i in range(3):
-            report({"i": i})
+@wandb_trainable(project="outage", **UNREACHABLE)
+def three_reports_without_w_and_b(config):
+    import wandb
 
-    out = sweep(fn, {"n": tune.grid_search([0, 1])})
+    # Waits until wandbtune has given up starting the run, so that its warning
+    # is logged before the trial can end (Tune kills a finished trial's
+    # process within seconds). Ray imports this module, and so wandb, in the
+    # trial's process before the trial starts: wandb.run is gated from the
+    # trial's first line.
+    assert wandb.run is None
+    for i in range(3):
+        report({"i": i})
+
+
+def init_attempts(storage: Path, trial_id: str) -> list[Path]:
+    """The local directories W&B made for the trial's ``wandb.init`` calls,
+    whether the run started or not (``wandb/run-<time>-<id>``)."""
+    return sorted(storage.glob(f"*/*/wandb/*run-*-{trial_id}"))
+
+
+def test_when_w_and_b_is_unreachable_training_goes_on_with_one_warning(sweep):
+    out = sweep(three_reports_without_w_and_b, {"n": tune.grid_search([0, 1])})
+    assert len(out.results) == 2
+    logs = worker_stderr()  # the trials' processes log there
     for result in out.results:
         assert result.error is None
         assert tune_iterations(result) == [1, 2, 3]
-    # W&B leaves the aborted run's (empty) local log behind; nothing was logged
-    assert all(run.rows == [] for run in [*out.runs.values(), *out.aborted])
+        assert list(result.metrics_dataframe["i"]) == [0, 1, 2]
+        trial_id = result.metrics["trial_id"]
+        # W&B was asked once for the trial's run...
+        assert len(init_attempts(out.storage, trial_id)) == 1
+        # ...and the trial says once that it goes on without W&B (its name
+        # ends with its id), not once per report.
+        warnings = re.findall(
+            rf"wandbtune: W&B logging is off for trial \S*{re.escape(trial_id)}\b",
+            logs,
+        )
+        assert len(warnings) == 1, logs[-3000:]
+    # Nothing was logged. (What W&B leaves of an aborted start differs: no
+    # run file on wandb 0.19; on 0.31 one with the run's record, no rows.)
+    files = [*out.runs.values(), *out.aborted]
+    assert [row for run in files for row in run.rows] == []
 
 
 @contextmanager
@@ -208,3 +244,70 @@ def test_strict_fails_the_trial_when_w_and_b_is_unreachable(sweep):
     (result,) = sweep(fn).results
     assert result.error is not None
     assert re.search(UNREACHABLE_ERROR, str(result.error))
+
+
+FLUSH_AGAINST_A_SILENT_SERVER = """
+import logging, os, sys, time
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+import wandb
+from wandbtune._run import flush_wandb
+
+def services():
+    # This process's live child processes (W&B's service is one).
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == os.getpid() and fields[0] != "Z":
+            found.append(int(entry))
+    return found
+
+try:
+    wandb.init(project="silent", dir=sys.argv[1])
+except Exception as exc:
+    print("INIT FAILED", type(exc).__name__, flush=True)
+print("SERVICES BEFORE", len(services()), flush=True)
+started = time.monotonic()
+flush_wandb(float(sys.argv[2]))
+print("FLUSHED IN", time.monotonic() - started, flush=True)
+print("SERVICES AFTER", len(services()), flush=True)
+"""
+
+
+def test_a_w_and_b_service_that_does_not_shut_down_is_stopped_in_bounded_time(
+    tmp_path,
+):
+    # After W&B failed to start a run against a server that never answers,
+    # its service does not shut down for a while (wandb 0.31: it waits about
+    # 4 s for requests to that server; 0.19: for ever, retrying). Ending the
+    # trial then must not wait longer than flush_wandb's timeout: the service
+    # is stopped. In a child process: the service is its child, and W&B's
+    # state in this one stays untouched.
+    timeout = 1.0
+    with _server_that_never_answers() as port:
+        env = {
+            **os.environ,
+            "WANDB_MODE": "online",
+            "WANDB_BASE_URL": f"http://127.0.0.1:{port}",
+            "WANDB_API_KEY": "f" * 40,
+            "WANDB_INIT_TIMEOUT": "2",
+        }
+        env.pop("WANDB_SERVICE", None)
+        script = FLUSH_AGAINST_A_SILENT_SERVER
+        with child_process("-c", script, str(tmp_path), str(timeout), env=env) as proc:
+            try:
+                stdout, stderr = proc.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                pytest.fail("the child did not finish within 120 s")
+    out = stdout + stderr
+    assert proc.returncode == 0, out
+    assert "INIT FAILED" in out  # the setup this test is about
+    assert re.search(r"SERVICES BEFORE [1-9]", out), out  # a service was running
+    (warning,) = [line for line in out.splitlines() if "did not shut down" in line]
+    assert "within 1 s" in warning and "it was stopped" in warning, warning
+    flushed = float(re.search(r"FLUSHED IN (\S+)", out).group(1))
+    assert flushed < timeout + 5, out
+    assert "SERVICES AFTER 0" in out, out
