@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,8 @@ class SweepOutcome:
     #: every attempt's file of each run, oldest first (a retried or restored
     #: trial writes one offline file per attempt, all with the same id)
     attempts: dict[str, list[RunFile]]
+    #: the experiment's own run (WandbLoggerCallback, ExperimentRun), if any
+    experiment: list[RunFile] = field(default_factory=list)
 
     def run_for(self, result: Any) -> RunFile:
         trial_id = result.metrics.get("trial_id") or Path(result.path).name
@@ -71,6 +73,7 @@ def read_sweep(
     runs: dict[str, RunFile] = {}
     attempts: dict[str, list[RunFile]] = {}
     aborted: list[RunFile] = []
+    experiment: list[RunFile] = []
     # W&B names each attempt's directory by its start time, but not in an
     # order that sorts chronologically (a same-second restart gets "-1"):
     # order by when each file was last written.
@@ -82,13 +85,21 @@ def read_sweep(
         if not run.run_id:
             aborted.append(run)
             continue
+        if run.job_type == "tune-experiment":
+            experiment.append(run)
+            continue
         assert allow_attempts or run.run_id not in runs, (
             f"two run files for {run.run_id}"
         )
         runs[run.run_id] = run
         attempts.setdefault(run.run_id, []).append(run)
     return SweepOutcome(
-        results=results, runs=runs, storage=storage, aborted=aborted, attempts=attempts
+        results=results,
+        runs=runs,
+        storage=storage,
+        aborted=aborted,
+        attempts=attempts,
+        experiment=experiment,
     )
 
 

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -17,6 +15,7 @@ import pytest
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
+from tests.conftest import child_process
 from tests.helpers import tune_iterations
 from tests.raycompat import Checkpoint, CheckpointConfig, RunConfig, report
 from tests.trainable_classes import Counter, DecoratedCounter
@@ -25,6 +24,14 @@ from wandbtune.testing import find_run_files, read_run
 
 #: Values that differ between any two runs of the same trial (timings, clocks).
 TIMING = {"time_this_iter_s", "time_total_s", "time_since_restore", "timestamp"}
+
+
+def _trial_run_files(root: Path) -> list[str]:
+    """The trials' run files below ``root``, without the experiment's run
+    (which the callback makes beside them)."""
+    return [
+        p for p in find_run_files(root) if read_run(p).job_type != "tune-experiment"
+    ]
 
 
 def reports_everything(config):
@@ -198,7 +205,7 @@ def test_checkpoints_become_model_artifacts(ray_session, tmp_path, how, storage)
             name="ckpt", storage_path=storage_path, callbacks=callbacks, verbose=0
         ),
     ).fit()
-    (path,) = find_run_files(root)
+    (path,) = _trial_run_files(root)
     run = read_run(path)
     arts = _artifacts(run)
     assert [a[0] for a in arts] == ["model", "model"]
@@ -237,7 +244,7 @@ def test_checkpoints_on_remote_storage_become_reference_artifacts(
             verbose=0,
         ),
     ).fit()
-    (path,) = find_run_files(tmp_path / "wandb-dir")
+    (path,) = _trial_run_files(tmp_path / "wandb-dir")
     arts = _artifacts(read_run(path))
     assert len(arts) == 2
     for _, _, metadata, entries in arts:
@@ -297,35 +304,56 @@ finally:
     from wandbtune.testing import find_run_files, read_run
     for path in find_run_files(sys.argv[1]):
         run = read_run(path)
-        print("RUN", run.run_id, len(run.rows), run.exit_code, flush=True)
+        kind = run.job_type or "trial"
+        print("RUN", run.run_id, len(run.rows), run.exit_code, kind, flush=True)
 """
+
+
+def _results_recorded(storage: Path) -> list[int]:
+    """How many results Tune recorded for each trial so far (progress.csv)."""
+    return [
+        max(0, path.read_text().count("\n") - 1)
+        for path in storage.glob("*/*/progress.csv")
+    ]
 
 
 @pytest.mark.parametrize("how", ["callback", "decorator", "callback-beside-own-run"])
 def test_interrupting_fit_finishes_and_flushes_every_run(tmp_path, how):
     storage = tmp_path / "results"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", INTERRUPTED, str(storage), how],
-        env=os.environ.copy(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
+    # (Its stderr, Ray's chatter, is not read: it must not fill a pipe.)
+    interrupted = child_process(
+        "-c", INTERRUPTED, str(storage), how, stderr=subprocess.DEVNULL
     )
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(storage.glob("*/*/progress.csv"))) < 2:
-        time.sleep(0.5)
-    time.sleep(2)  # some results in
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=120)
+    with interrupted as proc:
+        # Interrupt once both trials have some results in.
+        deadline = time.monotonic() + 120
+        while len(recorded := _results_recorded(storage)) < 2 or min(recorded) < 2:
+            if proc.poll() is not None:
+                pytest.fail(f"the sweep ended before it was interrupted: {recorded}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"no two trials with results after 120 s: {recorded}")
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, _ = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail("fit() did not return within 120 s of SIGINT")
     # As fit() returned: both runs complete and finished (an interrupted trial
     # is finished like a stopped one, exit code 0).
-    seen = [line.split() for line in out.splitlines() if line.startswith("RUN ")]
+    lines = [line.split() for line in out.splitlines() if line.startswith("RUN ")]
+    seen = [line[:4] for line in lines if line[4] == "trial"]
     assert len(seen) == 2, out
     assert all(int(rows) > 0 and code == "0" for _, _, rows, code in seen), seen
+    # The callback's run for the experiment is complete and finished too.
+    experiment = [line for line in lines if line[4] == "tune-experiment"]
+    assert len(experiment) == (0 if how == "decorator" else 1), out
+    assert all(code == "0" for _, _, _, code, _ in experiment), experiment
     # and every result Tune recorded is in W&B. (The decorator logs in the
     # trial actor, so a last result the driver dropped while shutting down
     # may be in W&B too: one row more, never one less.)
-    for path in find_run_files(storage):
+    paths = _trial_run_files(storage)
+    assert len(paths) == 2
+    for path in paths:
         run = read_run(path)
         trial_dir = Path(path).parents[2]
         recorded = (trial_dir / "progress.csv").read_text().count("\n") - 1
@@ -336,7 +364,7 @@ def test_interrupting_fit_finishes_and_flushes_every_run(tmp_path, how):
 
 
 def test_the_callback_tunes_on_when_w_and_b_is_unreachable(sweep, caplog):
-    from tests.test_lifecycle import UNREACHABLE
+    from tests.test_lifecycle import UNREACHABLE, init_attempts
 
     def fn(config):
         for i in range(3):
@@ -348,7 +376,10 @@ def test_the_callback_tunes_on_when_w_and_b_is_unreachable(sweep, caplog):
         )
     (result,) = out.results
     assert result.error is None and tune_iterations(result) == [1, 2, 3]
-    assert all(run.rows == [] for run in [*out.runs.values(), *out.aborted])
+    # W&B was asked once for the trial's run, and nothing was logged.
+    assert len(init_attempts(out.storage, result.metrics["trial_id"])) == 1
+    files = [*out.runs.values(), *out.aborted]
+    assert [row for run in files for row in run.rows] == []
     (warning,) = [r for r in caplog.records if "logging is off" in r.getMessage()]
     assert "strict=True" in warning.getMessage()
 

@@ -127,10 +127,16 @@ def sweeps(online: Online, tmp_path_factory: pytest.TempPathFactory) -> dict[str
 IDENTITY = ("trial_id", "pid", "hostname", "node_ip")
 
 
-def _assert_complete_on_server(online: Online, results: Any, project: str) -> None:
+def _assert_complete_on_server(
+    online: Online, results: Any, project: str, *, experiment_run: bool = False
+) -> None:
     assert len(results) == 2
     assert all(result.error is None for result in results)
     stored = online.store.runs(project)
+    experiment = [k for k in stored if k.startswith("tune-")]
+    if experiment_run:  # the callback's run for the experiment itself
+        assert len(experiment) == 1, sorted(stored)
+        assert stored.pop(experiment[0]).state == "finished"
     assert sorted(stored) == sorted(trial_id(r) for r in results)
     for result in results:
         lr = result.config["lr"]
@@ -163,7 +169,9 @@ def test_every_trial_of_a_decorated_sweep_is_complete_on_the_server(online, swee
 
 
 def test_every_trial_logged_by_the_callback_is_complete_on_the_server(online, sweeps):
-    _assert_complete_on_server(online, sweeps["callback"], "online-callback")
+    _assert_complete_on_server(
+        online, sweeps["callback"], "online-callback", experiment_run=True
+    )
 
 
 # --- f) the key ------------------------------------------------------------------

@@ -12,9 +12,17 @@ from typing import Any, Optional
 from ray.tune.logger import LoggerCallback
 
 from wandbtune import _compat
+from wandbtune._experiment import ExperimentLog, TrialOutcomes, tune_setup
 from wandbtune._mixin import WandbTrainableMixin
-from wandbtune._run import TrialRun, flush_wandb, start_or_warn
-from wandbtune._settings import Settings
+from wandbtune._run import (
+    ERROR,
+    INTERRUPTED,
+    Outcome,
+    TrialRun,
+    flush_wandb,
+    start_or_warn,
+)
+from wandbtune._settings import ConfigError, Settings
 
 __all__ = ["WandbLoggerCallback"]
 
@@ -46,8 +54,16 @@ class WandbLoggerCallback(LoggerCallback):  # type: ignore[misc]
         log_config: bool = False,
         upload_checkpoints: bool = False,
         strict: bool = False,
+        experiment_run: bool = True,
+        metric: Optional[str] = None,
+        metric_mode: Optional[str] = None,
         **wandb_init_kwargs: Any,
     ) -> None:
+        if not isinstance(experiment_run, bool):
+            raise ConfigError(
+                "WandbLoggerCallback: experiment_run must be True or False, got "
+                f"{experiment_run!r}."
+            )
         self._settings = Settings.from_arguments(
             "WandbLoggerCallback",
             project=project,
@@ -64,6 +80,94 @@ class WandbLoggerCallback(LoggerCallback):  # type: ignore[misc]
         self._settings.check_init_kwargs("WandbLoggerCallback")
         self._runs: dict[str, TrialRun] = {}
         self._skipped: set[str] = set()
+        #: The experiment's own run (and how each trial ended), on by default.
+        self._experiment: Optional[ExperimentLog] = None
+        self._outcomes = TrialOutcomes()
+        if experiment_run:
+            self._experiment = ExperimentLog(
+                self._settings,
+                metric=metric,
+                metric_mode=metric_mode,
+                where="WandbLoggerCallback",
+            )
+            self._outcomes = self._experiment.outcomes
+        self._metric = (metric, metric_mode)
+
+    # --- Tune's events: the trials' runs, and the experiment run --------------
+
+    def setup(
+        self,
+        stop: Any = None,
+        num_samples: Optional[int] = None,
+        total_num_samples: Optional[int] = None,
+        **info: Any,
+    ) -> None:
+        if self._experiment is not None:
+            self._experiment.setup(
+                stop=stop,
+                num_samples=num_samples,
+                total_num_samples=total_num_samples,
+                **info,
+            )
+        else:
+            self._outcomes.setup = tune_setup(*self._metric)
+
+    def on_trial_start(
+        self, iteration: int, trials: list[Any], trial: Any, **info: Any
+    ) -> None:
+        super().on_trial_start(iteration, trials, trial, **info)
+        if self._experiment is not None:
+            self._experiment.on_trial_start(trial, trials)
+        else:
+            self._outcomes.start(trial)
+
+    def on_trial_result(
+        self,
+        iteration: int,
+        trials: list[Any],
+        trial: Any,
+        result: dict[str, Any],
+        **info: Any,
+    ) -> None:
+        if self._experiment is not None:
+            self._experiment.on_trial_result(trial, result)
+        else:
+            self._outcomes.result(trial, result)
+        super().on_trial_result(iteration, trials, trial, result, **info)
+
+    def on_trial_complete(
+        self, iteration: int, trials: list[Any], trial: Any, **info: Any
+    ) -> None:
+        if self._experiment is not None:
+            self._experiment.on_trial_complete(trial)
+        else:
+            self._outcomes.complete(trial)
+        super().on_trial_complete(iteration, trials, trial, **info)
+
+    def on_trial_error(
+        self, iteration: int, trials: list[Any], trial: Any, **info: Any
+    ) -> None:
+        if self._experiment is not None:
+            self._experiment.on_trial_error(trial)
+        else:
+            self._outcomes.error(trial)
+        super().on_trial_error(iteration, trials, trial, **info)
+
+    def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        super().on_step_end(iteration, trials, **info)
+        if self._experiment is not None:
+            self._experiment.on_step_end()
+
+    def get_state(self) -> Optional[dict[str, Any]]:
+        if self._experiment is not None:
+            return {"experiment": self._experiment.get_state()}
+        return {"outcomes": self._outcomes.get_state()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if self._experiment is not None and "experiment" in state:
+            self._experiment.set_state(state["experiment"])
+        elif "outcomes" in state:
+            self._outcomes.set_state(state["outcomes"])
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles callbacks into the experiment's storage (tuner.pkl):
@@ -125,19 +229,36 @@ class WandbLoggerCallback(LoggerCallback):  # type: ignore[misc]
     def log_trial_end(self, trial: Any, failed: bool = False) -> None:
         run = self._runs.pop(trial.trial_id, None)
         if run is not None:
+            run.record_outcome(_outcome(trial, self._outcomes.get(trial.trial_id)))
             run.finish(failed=failed)
 
     def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
         # Trials still running here were interrupted (Tuner.fit() stopped):
         # finished like a stopped trial (exit code 0), as the decorator does,
         # holding everything Tune received; Tuner.restore resumes them.
+        outcomes = self._outcomes.end(trials)
+        by_id = {trial.trial_id: trial for trial in trials}
         for trial_id in list(self._runs):
-            self._runs.pop(trial_id).finish(failed=False)
+            run = self._runs.pop(trial_id)
+            run.record_outcome(_outcome(by_id.get(trial_id), outcomes.get(trial_id)))
+            run.finish(failed=False)
+        if self._experiment is not None:
+            self._experiment.on_experiment_end(trials, flush=False)
         if "wandb" in sys.modules and _compat.wandb_open_runs() == 0:
             # No run of the user's is open in this process either: wait until
             # W&B's service has written everything before fit() returns.
             # (With one open, shutting the service down would end it too.)
             flush_wandb()
+
+
+def _outcome(trial: Any, name: Optional[str]) -> Outcome:
+    """The outcome to record in a trial's run: with Tune's error message
+    (``Type: message``) for an error."""
+    name = name or INTERRUPTED
+    if name != ERROR:
+        return Outcome(name)
+    message = _compat.trial_error_message(trial)
+    return Outcome(ERROR, error=message)
 
 
 def _is_decorated(trial: Any) -> bool:

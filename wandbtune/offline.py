@@ -113,6 +113,7 @@ class RunFile:
     entity: str = ""
     tags: list[str] = field(default_factory=list)
     notes: str = ""
+    job_type: str = ""
     resumed: bool = False
     config: dict[str, Any] = field(default_factory=dict)
     rows: list[dict[str, Any]] = field(default_factory=list)
@@ -203,6 +204,7 @@ def _read_records(run: RunFile, records: Iterator[Any], summary: _Node) -> None:
         if kind == "run":
             r = record.run
             run.run_id, run.name, run.group = r.run_id, r.display_name, r.run_group
+            run.job_type = r.job_type
             run.project, run.resumed = r.project, r.resumed
             run.entity, run.tags, run.notes = r.entity, list(r.tags), r.notes
             run.config.update(_config(r.config.update))

@@ -1,0 +1,423 @@
+"""One W&B run for the whole experiment: the trials table, the best trial as
+Tune picks it, PBT's exploits, how each trial ended, and all of it on disk
+when ``fit()`` returns, after Ctrl-C too.
+
+The experiment run is offline here, in ``<storage>/<experiment>/wandb``; its
+tables are W&B media: the run's history and summary name a ``table-file``
+whose JSON is in the run's ``files`` directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ray import tune
+from ray.tune.schedulers import FIFOScheduler, PopulationBasedTraining, TrialScheduler
+
+from tests.raycompat import Checkpoint, RunConfig, get_checkpoint, report
+from wandbtune import wandb_trainable
+from wandbtune._experiment import ExperimentRun
+from wandbtune._settings import ConfigError
+from wandbtune.testing import RunFile, find_run_files, read_records, read_run
+
+# --- reading the experiment run -------------------------------------------------------
+
+
+def experiment_run(storage: Path, name: str) -> RunFile:
+    """The experiment's own run: the one run file in ``<storage>/<name>/wandb``
+    (the trials' are in their trial directories)."""
+    paths = find_run_files(storage / name / "wandb")
+    assert len(paths) == 1, paths
+    return read_run(paths[0])
+
+
+def job_type(run: RunFile) -> str:
+    for record in read_records(run.path):
+        if record.WhichOneof("record_type") == "run":
+            return str(record.run.job_type)
+    raise AssertionError(f"no run record in {run.path}")
+
+
+def table(run: RunFile, entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """A logged W&B table's rows, as dicts by column."""
+    assert entry["_type"] == "table-file", entry
+    data = json.loads((Path(run.path).parent / "files" / entry["path"]).read_text())
+    return [dict(zip(data["columns"], row, strict=True)) for row in data["data"]]
+
+
+def last_table(run: RunFile, key: str) -> list[dict[str, Any]]:
+    return table(run, run.summary[key])
+
+
+def by_trial(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {row["trial_id"]: row for row in rows}
+
+
+# --- trials that end every way --------------------------------------------------------
+
+
+@wandb_trainable(project="experiment")
+def ends_by_kind(config):
+    """Scores chosen so that Tune's default best (each trial's last score)
+    differs from the best over all results: "returns" peaks at 9 first."""
+    kind = config["kind"]
+    if kind == "returns":
+        for score in (9, 1, 1):
+            report({"score": score})
+        return
+    if kind == "errors":
+        report({"score": 2})
+        report({"score": 2})
+        raise ValueError("boom")
+    for i in range(1, 500):  # until a stop criterion or the scheduler stops it
+        report({"score": 4 if kind == "criterion" else 3, "enough": int(i >= 3)})
+        time.sleep(0.01)
+
+
+class StopsAtTwo(FIFOScheduler):
+    """Stops the trials of kind "scheduler" at their second result."""
+
+    def on_trial_result(self, tune_controller, trial, result):
+        if trial.config["kind"] == "scheduler" and result["training_iteration"] >= 2:
+            return TrialScheduler.STOP
+        return TrialScheduler.CONTINUE
+
+
+@pytest.fixture(scope="module")
+def ended(ray_session, tmp_path_factory):
+    from tests.helpers import run_sweep
+
+    tmp_path = tmp_path_factory.mktemp("ended")
+    kinds = ["returns", "criterion", "errors", "scheduler"]
+    out = run_sweep(
+        ends_by_kind,
+        {"kind": tune.grid_search(kinds), "wandb": {"notes": "not a column"}},
+        tmp_path,
+        tune_config=tune.TuneConfig(
+            metric="score", mode="max", scheduler=StopsAtTwo(), reuse_actors=True
+        ),
+        # "criterion" reaches it; "scheduler" would, but is stopped before
+        stop={"enough": 1},
+        callbacks=[ExperimentRun(project="experiment", table_interval_s=0)],
+    )
+    return out, experiment_run(out.storage, "exp")
+
+
+def test_the_experiment_run_sits_beside_its_trials_named_after_the_experiment(ended):
+    out, run = ended
+    assert run.name == "exp" and run.group == "exp" and run.project == "experiment"
+    assert job_type(run) == "tune-experiment"
+    assert run.run_id.startswith("tune-") and run.run_id not in {
+        r.metrics["trial_id"] for r in out.results
+    }
+    assert run.finished and run.exit_code == 0
+    trial_runs = [r for r in out.runs.values() if r.run_id != run.run_id]
+    assert len(trial_runs) == 4
+    assert {r.group for r in trial_runs} == {run.group}
+    assert run.config["metric"] == "score" and run.config["mode"] == "max"
+
+
+def test_the_trials_table_has_one_row_per_trial_with_how_it_ended(ended):
+    out, run = ended
+    rows = by_trial(last_table(run, "trials"))
+    assert len(rows) == 4
+    kinds = {r.metrics["trial_id"]: r.config["kind"] for r in out.results}
+    assert sorted(rows) == sorted(kinds)
+    outcome = {kinds[tid]: row["outcome"] for tid, row in rows.items()}
+    assert outcome == {
+        "returns": "completed",
+        "criterion": "completed",  # a stop= criterion was met
+        "errors": "error",
+        "scheduler": "early_stopped",
+    }
+    iterations = {kinds[tid]: row["iterations"] for tid, row in rows.items()}
+    assert iterations == {"returns": 3, "criterion": 3, "errors": 2, "scheduler": 2}
+    for trial_id, row in rows.items():
+        assert row["run_id"] == trial_id == out.runs[trial_id].run_id
+        assert row["config/kind"] == kinds[trial_id]
+        assert "config/wandb/notes" not in row and "config/wandb" not in row
+    returns = next(row for tid, row in rows.items() if kinds[tid] == "returns")
+    assert (returns["last_score"], returns["best_score"]) == (1, 9)
+    assert run.summary["tune/trials"] == 4
+    assert run.summary["tune/completed"] == 2
+    assert run.summary["tune/early_stopped"] == run.summary["tune/error"] == 1
+    assert run.summary["tune/interrupted"] == 0
+
+
+def test_the_trials_table_is_logged_while_trials_run(ended):
+    _, run = ended
+    versions = [row["trials"] for row in run.rows if "trials" in row]
+    assert len(versions) > 1
+    first = table(run, versions[0])
+    assert [row["outcome"] for row in first].count(None) >= 1  # still running
+    assert len(table(run, versions[-1])) == 4
+
+
+def test_the_best_trial_is_the_one_tune_picks_and_its_curve_is_logged(ended):
+    out, run = ended
+    best = out.results.get_best_result()  # TuneConfig's metric and mode
+    assert best.config["kind"] == "criterion"  # Tune's default scope: "last"
+    overall = out.results.get_best_result(scope="all")
+    assert overall.config["kind"] == "returns"  # so the scope is what decides
+    assert run.summary["best/trial_id"] == best.metrics["trial_id"]
+    assert run.summary["best/score"] == 4
+    assert run.summary["best/config/kind"] == "criterion"
+    assert run.summary["best/iteration"] == 3
+    curve = [row for row in run.rows if "best/score" in row]
+    assert len(curve) >= 2
+    assert curve[-1]["best/score"] == 4
+    steps = [row["_step"] for row in curve]
+    results = [row["tune/results"] for row in curve]
+    assert steps == sorted(set(steps)) and results == sorted(set(results))
+
+
+# --- the experiment ends first --------------------------------------------------------
+
+
+@wandb_trainable(project="experiment", group="budget")
+def forever(config):
+    for i in range(100_000):
+        report({"score": i})
+        time.sleep(0.02)
+
+
+def test_trials_still_running_when_the_time_budget_ends_are_interrupted(sweep):
+    out = sweep(
+        forever,
+        {"n": tune.grid_search([0, 1, 2])},  # on 2 CPUs, one waits
+        tune_config=tune.TuneConfig(metric="score", mode="max", time_budget_s=3),
+        callbacks=[ExperimentRun()],
+    )
+    run = experiment_run(out.storage, "exp")
+    # Not given to ExperimentRun: where the trials' runs go, the decorator's.
+    assert (run.project, run.group) == ("experiment", "budget")
+    rows = last_table(run, "trials")
+    assert len(rows) == 3
+    assert [row["outcome"] for row in rows] == ["interrupted"] * 3
+    assert run.summary["tune/interrupted"] == 3 and run.exit_code == 0
+
+
+# --- PBT ------------------------------------------------------------------------------
+
+
+@wandb_trainable(project="pbt")
+def climb(config):
+    """As in test_pbt: checkpoints every 2 iterations, PBT perturbs every 3."""
+    step, score = 0, 0.0
+    checkpoint = get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as path:
+            state = json.loads(Path(path, "state.json").read_text())
+            step, score = state["step"], state["score"]
+    while step < 9:
+        step += 1
+        score += config["lr"]
+        if step % 2:
+            report({"score": score})
+            continue
+        with tempfile.TemporaryDirectory() as path:
+            Path(path, "state.json").write_text(
+                json.dumps({"step": step, "score": score})
+            )
+            report({"score": score}, checkpoint=Checkpoint.from_directory(path))
+
+
+def test_pbt_exploits_are_a_table_and_the_best_trial_is_tunes(ray_session, tmp_path):
+    pbt = PopulationBasedTraining(
+        time_attr="training_iteration",
+        perturbation_interval=3,
+        hyperparam_mutations={"lr": [0.1, 0.5, 1.0, 2.0]},
+        quantile_fraction=0.5,
+        resample_probability=0.0,
+        synch=True,
+    )
+    storage = tmp_path / "results"
+    results = tune.Tuner(
+        climb,
+        param_space={"lr": tune.grid_search([0.1, 0.5, 1.0, 2.0])},
+        tune_config=tune.TuneConfig(
+            scheduler=pbt, metric="score", mode="max", reuse_actors=True
+        ),
+        run_config=RunConfig(
+            name="pbt",
+            storage_path=str(storage),
+            verbose=0,
+            callbacks=[ExperimentRun(project="pbt")],
+        ),
+    ).fit()
+    assert len(results) == 4 and not results.errors
+    run = experiment_run(storage, "pbt")
+
+    # PBT's own log: [trial tag, source tag, trial iteration, source
+    # iteration, source config, new config], one line per exploit.
+    policy = [
+        json.loads(line)
+        for line in (storage / "pbt" / "pbt_global.txt").read_text().splitlines()
+    ]
+    assert policy, "PBT exploited nothing: the test proves too little"
+    ids_by_tag = {}
+    for path in (storage / "pbt").iterdir():
+        found = re.search(r"_([0-9a-f]{5}_\d{5})_(\d+_lr=[\d.]+)_", path.name)
+        if found:
+            ids_by_tag[found.group(2)] = found.group(1)
+    assert len(ids_by_tag) == 4
+    exploits = last_table(run, "exploits")
+    assert len(exploits) == len(policy)
+    lr = {tid: float(tag.split("lr=")[1]) for tag, tid in ids_by_tag.items()}
+    for row, line in zip(exploits, policy, strict=True):
+        assert row["trial_id"] == ids_by_tag[line[0]]
+        assert row["source_trial_id"] == ids_by_tag[line[1]]
+        assert (row["iteration"], row["source_iteration"]) == (line[2], line[3])
+        old, new = json.loads(row["old_config"]), json.loads(row["new_config"])
+        assert old["lr"] == lr[row["trial_id"]]  # what the trial had before
+        assert new["lr"] == line[5]["lr"]
+        lr[row["trial_id"]] = new["lr"]
+    rows = last_table(run, "trials")
+    assert len(rows) == 4
+    assert sum(row["exploits"] for row in rows) == len(policy)
+    assert {row["outcome"] for row in rows} == {"completed"}
+    best = results.get_best_result()
+    assert run.summary["best/trial_id"] == best.metrics["trial_id"]
+    assert run.summary["best/score"] == pytest.approx(best.metrics["score"])
+    assert run.summary["best/config/lr"] == best.config["lr"]
+    assert run.summary["tune/exploits"] == len(policy)
+
+
+# --- Ctrl-C ---------------------------------------------------------------------------
+
+INTERRUPTED = """
+import json, sys, time
+from pathlib import Path
+from ray import tune
+from tests.raycompat import RunConfig, report
+from wandbtune import wandb_trainable
+from wandbtune._experiment import ExperimentRun
+
+@wandb_trainable(project="sigint")
+def slow(config):
+    for i in range(10_000):
+        time.sleep(0.02)
+        report({"score": i})
+
+try:
+    tune.Tuner(
+        slow,
+        param_space={"n": tune.grid_search([0, 1])},
+        tune_config=tune.TuneConfig(metric="score", mode="max"),
+        run_config=RunConfig(name="sigint", storage_path=sys.argv[1], verbose=0,
+                             callbacks=[ExperimentRun(project="sigint")]),
+    ).fit()
+finally:
+    # The experiment run as fit() leaves it, before W&B's own exit hooks run.
+    from tests.test_experiment import experiment_run, last_table
+    run = experiment_run(Path(sys.argv[1]), "sigint")
+    print("EXPERIMENT", json.dumps({
+        "exit_code": run.exit_code,
+        "trials": last_table(run, "trials"),
+        "best": run.summary.get("best/trial_id"),
+    }), flush=True)
+"""
+
+
+@contextmanager
+def child_process(*args: str) -> Iterator[subprocess.Popen]:
+    """A Python child in its own process group, killed with its Ray if it
+    still runs on the way out."""
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        env=os.environ.copy(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+
+
+def test_after_ctrl_c_the_experiment_run_is_complete_when_fit_returns(tmp_path):
+    storage = tmp_path / "results"
+    with child_process("-c", INTERRUPTED, str(storage)) as proc:
+        deadline = time.monotonic() + 120
+        while True:  # interrupt once both trials have results
+            recorded = [
+                p.read_text().count("\n") - 1 for p in storage.glob("*/*/progress.csv")
+            ]
+            if len(recorded) == 2 and min(recorded) >= 2:
+                break
+            if proc.poll() is not None:
+                pytest.fail(f"the sweep ended before it was interrupted: {recorded}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"no two trials with results after 120 s: {recorded}")
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, _ = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail("fit() did not return within 120 s of SIGINT")
+    (line,) = [line for line in out.splitlines() if line.startswith("EXPERIMENT ")]
+    seen = json.loads(line.split(" ", 1)[1])
+    assert seen["exit_code"] == 0  # finished before fit() returned
+    assert len(seen["trials"]) == 2
+    assert [row["outcome"] for row in seen["trials"]] == ["interrupted"] * 2
+    assert all(row["iterations"] >= 2 for row in seen["trials"])
+    assert seen["best"] in {row["trial_id"] for row in seen["trials"]}
+
+
+# --- never in Tune's way --------------------------------------------------------------
+
+
+def test_when_w_and_b_is_unreachable_the_sweep_goes_on_with_one_warning(sweep, caplog):
+    from tests.test_lifecycle import UNREACHABLE
+
+    @wandb_trainable(project="experiment")
+    def fn(config):
+        for i in range(3):
+            report({"score": i})
+
+    with caplog.at_level(logging.WARNING, logger="wandbtune"):
+        out = sweep(
+            fn,
+            tune_config=tune.TuneConfig(metric="score", mode="max"),
+            callbacks=[ExperimentRun(project="outage", **UNREACHABLE)],
+        )
+    assert len(out.results) == 1 and not out.results.errors
+    warnings = [r for r in caplog.records if "experiment's W&B run" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    # The trials' own (offline) runs are complete; W&B may leave a file of
+    # the experiment run's aborted start (0.31), with nothing in it.
+    trial_runs = [r for r in out.runs.values() if not r.run_id.startswith("tune-")]
+    assert len(trial_runs) == 1 and len(trial_runs[0].rows) == 3
+    aborted = [r for r in out.runs.values() if r.run_id.startswith("tune-")]
+    assert [row for r in aborted for row in r.rows] == []
+
+
+def test_bad_arguments_are_named_and_the_key_is_never_pickled():
+    with pytest.raises(ConfigError, match="metric_mode"):
+        ExperimentRun(project="p", metric="score")
+    with pytest.raises(ConfigError, match="metric_mode"):
+        ExperimentRun(project="p", metric="score", metric_mode="up")
+    with pytest.raises(ConfigError, match="table_interval_s"):
+        ExperimentRun(project="p", table_interval_s=-1)
+    with pytest.raises(TypeError, match="projekt"):
+        ExperimentRun(projekt="p")
+    callback = ExperimentRun(project="p", api_key="k" * 40)
+    assert b"k" * 40 not in pickle.dumps(callback)
