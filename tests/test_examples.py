@@ -81,3 +81,16 @@ def test_asha_example_finishes_every_run_including_stopped_ones(tmp_path, clean_
     assert all(run.exit_code == 0 for run in runs)
     lengths = sorted(len(run.rows) for run in runs)
     assert lengths[-1] == 20 and lengths[0] < 20  # some were stopped early
+
+
+@needs_tune_report
+def test_pbt_example_logs_every_trial_and_the_experiment(tmp_path, clean_env):
+    out = run_example("pbt.py", tmp_path / "results", clean_env)
+    assert "Best trial:" in out and "wandb sync" in out
+    runs = [read_run(p) for p in find_run_files(tmp_path / "results" / "pbt")]
+    trials = [r for r in runs if r.job_type != "tune-experiment"]
+    experiment = [r for r in runs if r.job_type == "tune-experiment"]
+    assert len({r.run_id for r in trials}) == 4
+    assert len(experiment) == 1 and experiment[0].exit_code == 0
+    assert "best/trial_id" in experiment[0].summary
+    assert all(r.exit_code == 0 for r in trials)
