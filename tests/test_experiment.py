@@ -11,16 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pickle
 import re
 import signal
 import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +23,9 @@ import pytest
 from ray import tune
 from ray.tune.schedulers import FIFOScheduler, PopulationBasedTraining, TrialScheduler
 
-from tests.raycompat import Checkpoint, RunConfig, get_checkpoint, report
+from tests.conftest import child_process
+from tests.raycompat import RunConfig, report
+from tests.test_pbt import _climb
 from wandbtune import wandb_trainable
 from wandbtune._experiment import ExperimentRun
 from wandbtune._settings import ConfigError
@@ -214,26 +211,7 @@ def test_trials_still_running_when_the_time_budget_ends_are_interrupted(sweep):
 # --- PBT ------------------------------------------------------------------------------
 
 
-@wandb_trainable(project="pbt")
-def climb(config):
-    """As in test_pbt: checkpoints every 2 iterations, PBT perturbs every 3."""
-    step, score = 0, 0.0
-    checkpoint = get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as path:
-            state = json.loads(Path(path, "state.json").read_text())
-            step, score = state["step"], state["score"]
-    while step < 9:
-        step += 1
-        score += config["lr"]
-        if step % 2:
-            report({"score": score})
-            continue
-        with tempfile.TemporaryDirectory() as path:
-            Path(path, "state.json").write_text(
-                json.dumps({"step": step, "score": score})
-            )
-            report({"score": score}, checkpoint=Checkpoint.from_directory(path))
+climb = _climb  # test_pbt's: checkpoints every 2 iterations, PBT perturbs every 3
 
 
 def test_pbt_exploits_are_a_table_and_the_best_trial_is_tunes(ray_session, tmp_path):
@@ -333,29 +311,11 @@ finally:
 """
 
 
-@contextmanager
-def child_process(*args: str) -> Iterator[subprocess.Popen]:
-    """A Python child in its own process group, killed with its Ray if it
-    still runs on the way out."""
-    proc = subprocess.Popen(
-        [sys.executable, *args],
-        env=os.environ.copy(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-
-
 def test_after_ctrl_c_the_experiment_run_is_complete_when_fit_returns(tmp_path):
     storage = tmp_path / "results"
-    with child_process("-c", INTERRUPTED, str(storage)) as proc:
+    with child_process(
+        "-c", INTERRUPTED, str(storage), stderr=subprocess.DEVNULL
+    ) as proc:
         deadline = time.monotonic() + 120
         while True:  # interrupt once both trials have results
             recorded = [
