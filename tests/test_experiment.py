@@ -21,11 +21,11 @@ from typing import Any
 
 import pytest
 from ray import tune
-from ray.tune.schedulers import FIFOScheduler, PopulationBasedTraining, TrialScheduler
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from tests.conftest import child_process
 from tests.raycompat import RunConfig, report
-from tests.test_pbt import _climb
+from tests.test_pbt import PARAM_SPACE, _climb, pbt
 from wandbtune import wandb_trainable
 from wandbtune._experiment import ExperimentRun
 from wandbtune._settings import ConfigError
@@ -211,24 +211,13 @@ def test_trials_still_running_when_the_time_budget_ends_are_interrupted(sweep):
 # --- PBT ------------------------------------------------------------------------------
 
 
-climb = _climb  # test_pbt's: checkpoints every 2 iterations, PBT perturbs every 3
-
-
 def test_pbt_exploits_are_a_table_and_the_best_trial_is_tunes(ray_session, tmp_path):
-    pbt = PopulationBasedTraining(
-        time_attr="training_iteration",
-        perturbation_interval=3,
-        hyperparam_mutations={"lr": [0.1, 0.5, 1.0, 2.0]},
-        quantile_fraction=0.5,
-        resample_probability=0.0,
-        synch=True,
-    )
     storage = tmp_path / "results"
     results = tune.Tuner(
-        climb,
-        param_space={"lr": tune.grid_search([0.1, 0.5, 1.0, 2.0])},
+        _climb,
+        param_space=PARAM_SPACE,
         tune_config=tune.TuneConfig(
-            scheduler=pbt, metric="score", mode="max", reuse_actors=True
+            scheduler=pbt(), metric="score", mode="max", reuse_actors=True
         ),
         run_config=RunConfig(
             name="pbt",

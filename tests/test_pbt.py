@@ -47,6 +47,23 @@ def _climb(config):
             report({"score": score}, checkpoint=Checkpoint.from_directory(path))
 
 
+#: Four trials, one per learning rate.
+PARAM_SPACE = {"lr": tune.grid_search([0.1, 0.5, 1.0, 2.0])}
+
+
+def pbt() -> PopulationBasedTraining:
+    """PBT that reliably exploits with _climb: every 3 iterations, in step
+    (synch), the lower half clones the upper half's checkpoint at 2 (or 8)."""
+    return PopulationBasedTraining(
+        time_attr="training_iteration",
+        perturbation_interval=3,
+        hyperparam_mutations={"lr": [0.1, 0.5, 1.0, 2.0]},
+        quantile_fraction=0.5,
+        resample_probability=0.0,
+        synch=True,
+    )
+
+
 def _tune_rows(result):
     df = result.metrics_dataframe
     return [
@@ -59,20 +76,12 @@ def _tune_rows(result):
 def test_pbt_every_recorded_result_is_in_w_and_b_and_exploits_are_recorded(
     ray_session, tmp_path, reuse_actors
 ):
-    pbt = PopulationBasedTraining(
-        time_attr="training_iteration",
-        perturbation_interval=3,
-        hyperparam_mutations={"lr": [0.1, 0.5, 1.0, 2.0]},
-        quantile_fraction=0.5,
-        resample_probability=0.0,
-        synch=True,
-    )
     storage = tmp_path / "results"
     results = tune.Tuner(
         _climb,
-        param_space={"lr": tune.grid_search([0.1, 0.5, 1.0, 2.0])},
+        param_space=PARAM_SPACE,
         tune_config=tune.TuneConfig(
-            scheduler=pbt, metric="score", mode="max", reuse_actors=reuse_actors
+            scheduler=pbt(), metric="score", mode="max", reuse_actors=reuse_actors
         ),
         run_config=RunConfig(name="pbt", storage_path=str(storage), verbose=0),
     ).fit()
