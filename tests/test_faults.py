@@ -13,12 +13,13 @@ import json
 import os
 import signal
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 from ray import tune
 
-from tests.conftest import start_ray
+from tests.conftest import child_process, start_ray
 from tests.helpers import read_sweep
 from tests.raycompat import Checkpoint, FailureConfig, RunConfig, get_checkpoint, report
 from wandbtune import setup_wandb, wandb_trainable
@@ -231,3 +232,123 @@ def test_a_killed_worker_loses_only_what_w_and_b_had_not_written(
     )
     iterations = survived + retried.column("training_iteration")
     assert iterations == list(range(1, ROWS + 1))
+
+
+# --- a killed driver ---------------------------------------------------------------
+
+#: Iterations of the trial the driver is killed in; each row carries 2 KiB, so
+#: W&B writes its run log in blocks as it goes, and a tail is always unwritten.
+CRASH_ITERATIONS = 120
+
+
+@wandb_trainable(project="faults")
+def steady_checkpointed(config):
+    """A checkpoint at every report; goes on from the last one."""
+    start = 0
+    checkpoint = get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as path:
+            start = json.loads(Path(path, "state.json").read_text())["i"]
+    for i in range(start + 1, CRASH_ITERATIONS + 1):
+        time.sleep(0.1)  # killed well before the end
+        with tempfile.TemporaryDirectory() as path:
+            Path(path, "state.json").write_text(json.dumps({"i": i}))
+            report(
+                {"score": i * 10, "pad": "x" * 2048},
+                checkpoint=Checkpoint.from_directory(path),
+            )
+
+
+CRASHING_DRIVER = """
+import sys
+import ray
+from ray import tune
+from tests.raycompat import RunConfig
+from tests.test_faults import steady_checkpointed
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+tune.Tuner(steady_checkpointed,
+           run_config=RunConfig(name="crash", storage_path=sys.argv[1],
+                                verbose=0)).fit()
+"""
+
+
+def test_after_a_killed_driver_w_and_b_holds_every_result_tune_kept(
+    ray_session, tmp_path
+):
+    # The driver is killed (SIGKILL of it and every process under it)
+    # mid-sweep: the trial's W&B service dies before it wrote its last rows,
+    # which Tune had received and checkpointed. Tuner.restore goes on from the
+    # last checkpoint; wandbtune fills in those rows from Tune's result.json.
+    storage = tmp_path / "results"
+    with child_process("-c", CRASHING_DRIVER, str(storage)) as proc:
+        deadline = time.monotonic() + 120
+        while _results_recorded(storage) < 40:
+            if proc.poll() is not None:
+                pytest.fail("the sweep ended before the driver was killed")
+            if time.monotonic() > deadline:
+                pytest.fail("no 40 results after 120 s")
+            time.sleep(0.1)
+        _kill_tree(proc.pid)  # the driver, its Ray, the trial, W&B's service
+        proc.wait(timeout=30)
+    # W&B's service writes its run log in 32 KiB blocks; how much of the tail
+    # a kill loses is chance (often nothing, with rows this slow). To make
+    # the loss certain, the test drops the file's last written block, as a
+    # kill a moment earlier would have: the one part here that is not real.
+    (log,) = storage.glob("crash/*/wandb/offline-run-*/run-*.wandb")
+    blocks = log.stat().st_size // (32 * 1024)
+    assert blocks >= 2, log.stat().st_size
+    with open(log, "r+b") as fh:
+        fh.truncate((blocks - 1) * 32 * 1024)
+    kept_by_tune = _results_in_json(storage / "crash")  # as the kill left it
+
+    restored = tune.Tuner.restore(
+        str(storage / "crash"), steady_checkpointed, resume_unfinished=True
+    ).fit()
+    (result,) = restored
+    assert result.error is None
+
+    out = read_sweep(restored, storage, "crash", allow_attempts=True)
+    ((_, attempts),) = out.attempts.items()
+    assert len(attempts) == 2
+    killed, _ = attempts
+    assert killed.exit_code is None  # never finished: its service was killed
+    # The killed attempt's W&B data lacks results Tune had kept (else this
+    # test proves nothing) ...
+    written = killed.column("training_iteration")
+    assert written and max(written) < max(kept_by_tune), (written, kept_by_tune)
+    # ... and now W&B holds every one, once.
+    iterations = [i for run in attempts for i in run.column("training_iteration")]
+    assert iterations == sorted(set(iterations))
+    assert set(kept_by_tune) <= set(iterations)
+    assert iterations == list(range(1, CRASH_ITERATIONS + 1))
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants at once (Ray's processes
+    start sessions of their own: a process group does not hold them)."""
+    import psutil
+
+    parent = psutil.Process(pid)
+    for process in [parent, *parent.children(recursive=True)]:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _results_recorded(storage: Path) -> int:
+    return sum(
+        max(0, path.read_text().count("\n") - 1)
+        for path in storage.glob("*/*/progress.csv")
+    )
+
+
+def _results_in_json(experiment: Path) -> list[int]:
+    (path,) = experiment.glob("*/result.json")
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line)["training_iteration"])
+        except ValueError:
+            continue
+    return out

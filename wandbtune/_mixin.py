@@ -316,6 +316,7 @@ class WandbTrainableMixin:
         trial = {
             **trial,
             "exploit": exploit_of(trial["trial_id"], restored, trial["config"]),
+            "restored_iteration": (restored or {}).get("training_iteration"),
         }
         function = _compat.is_function_trainable(self)
         # A class's setup() and step() run in this thread; the function of a

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -244,9 +245,51 @@ class TrialRun:
 
     @classmethod
     def start(
-        cls, settings: Settings, *, exploit: Exploit | None = None, **trial: Any
+        cls,
+        settings: Settings,
+        *,
+        exploit: Exploit | None = None,
+        restored_iteration: Any = None,
+        **trial: Any,
     ) -> TrialRun:
-        return cls(start_run(settings, **trial), settings, exploit=exploit)
+        run = cls(start_run(settings, **trial), settings, exploit=exploit)
+        if exploit is None and isinstance(restored_iteration, int):
+            run.fill_in(trial.get("dir"), restored_iteration)
+        return run
+
+    def fill_in(self, trial_dir: str | None, up_to: int) -> None:
+        """Log what Tune kept of this trial up to the checkpoint it goes on
+        from, where earlier attempts' W&B data lacks it (their W&B service
+        died before writing it out: a killed worker or driver). Tune's
+        ``result.json`` in the trial's directory is read, if it is local."""
+        done = self._logged_up_to or 0
+        if trial_dir is None or up_to <= done:
+            return
+        path = os.path.join(trial_dir, "result.json")
+        try:
+            with open(path, encoding="utf-8") as fh:
+                lines = fh.readlines()
+        except OSError:
+            return  # not on this node (remote storage): nothing to fill in
+        filled = 0
+        for line in lines:
+            try:
+                result = json.loads(line)
+            except ValueError:
+                continue  # a line cut off by a kill
+            iteration = result.get(TRAINING_ITERATION)
+            if isinstance(iteration, int) and done < iteration <= up_to:
+                self.log_result(result)
+                done = max(done, iteration)
+                self._logged_up_to = done
+                filled += 1
+        if filled:
+            logger.info(
+                "wandbtune: %d results Tune kept for this trial were missing "
+                "from W&B (its earlier attempt's W&B data was cut short); "
+                "logged them from result.json.",
+                filled,
+            )
 
     def log_checkpoint(self, checkpoint: Any, iteration: Any) -> None:
         """Log a persisted Tune checkpoint as an artifact version, once, if
