@@ -137,12 +137,6 @@ def test_another_rank_failing_finishes_rank_zeros_run(ray_session, tmp_path):
     assert "stopped by Ray Train" in run.summary[ERROR_KEY]
 
 
-@pytest.mark.xfail(
-    not TRAIN_V2,
-    strict=True,
-    reason="Ray 2.30 pickles the trainer, training loop included, into "
-    "trainer.pkl: a key given as api_key= is in it (README: Ray Train)",
-)
 def test_a_key_given_to_a_decorated_training_loop_is_in_no_file(
     ray_session, tmp_path, monkeypatch
 ):

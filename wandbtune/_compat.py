@@ -527,3 +527,44 @@ def trial_error_message(trial: Any) -> Optional[str]:
         if head and head.replace(".", "").replace("_", "").isalnum() and ":" in line:
             return line.strip()[:1000]
     return lines[-1][:1000] if lines else None
+
+
+# --- an API key through the Ray cluster, never in a pickle ---------------------------
+
+_KEY_NAMESPACE = "wandbtune"
+_key_tokens: dict[str, str] = {}
+
+
+def key_to_cluster(key: str) -> Optional[str]:
+    """Put ``key`` in the Ray cluster's key-value store (in the GCS's memory)
+    and return a random token for it; None without a Ray cluster."""
+    import uuid
+
+    try:
+        from ray.experimental import internal_kv
+
+        if not internal_kv._internal_kv_initialized():  # type: ignore[no-untyped-call]
+            return None
+        token = _key_tokens.get(key)
+        if token is None:
+            token = _key_tokens[key] = f"api-key-{uuid.uuid4().hex}"
+            internal_kv._internal_kv_put(
+                token, key.encode(), overwrite=True, namespace=_KEY_NAMESPACE
+            )
+        return token
+    except Exception:  # noqa: BLE001 - then the key goes inline, as before
+        return None
+
+
+def key_from_cluster(token: str) -> Optional[str]:
+    """The key ``key_to_cluster`` stored under ``token``; None if this
+    process is not in that cluster (a pickle read after it shut down)."""
+    try:
+        from ray.experimental import internal_kv
+
+        if not internal_kv._internal_kv_initialized():  # type: ignore[no-untyped-call]
+            return None
+        value = internal_kv._internal_kv_get(token, namespace=_KEY_NAMESPACE)
+        return value.decode() if value else None
+    except Exception:  # noqa: BLE001
+        return None

@@ -9,6 +9,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from wandbtune import _compat
+
 #: The key of the trial config that holds per-trial settings.
 CONFIG_KEY = "wandb"
 
@@ -96,7 +98,22 @@ class Settings:
         state = dict(self.__dict__)
         if self.ship_environ:
             state["environ"] = {**_shipped_environ(), **self.environ}
+        if self.api_key:
+            # The key travels through the Ray cluster's own store, not in the
+            # pickle: Ray writes some pickles to storage (Ray 2.30's
+            # trainer.pkl holds a Train loop). Without a Ray cluster, inline.
+            token = _compat.key_to_cluster(self.api_key)
+            if token is not None:
+                state["api_key"] = None
+                state["_api_key_token"] = token
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        token = state.pop("_api_key_token", None)
+        if token is not None:
+            state["api_key"] = _compat.key_from_cluster(token)
+        self.__dict__.update(state)
 
     def env(self, name: str) -> str | None:
         """An environment setting: the driver's if shipped, else this process's."""
