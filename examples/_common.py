@@ -39,5 +39,10 @@ def print_runs(experiment_path: str) -> None:
             f"(project {run.project}, group {run.group})"
         )
     if os.environ.get("WANDB_MODE") == "offline" and files:
+        # each run's directory: <experiment>/<trial>/wandb/offline-run-*, or
+        # <experiment>/wandb/offline-run-* for a Ray Train run
+        where = sorted({str(Path(p).parent.parent / "offline-run-*") for p in files})
+        if len(where) > 3:
+            where = [f"{experiment_path}/*/wandb/offline-run-*"]
         print("\nUpload them to W&B when you have an account:")
-        print(f"  wandb sync {experiment_path}/*/wandb/offline-run-*")
+        print(f"  wandb sync {' '.join(where)}")

@@ -94,3 +94,15 @@ def test_pbt_example_logs_every_trial_and_the_experiment(tmp_path, clean_env):
     assert len(experiment) == 1 and experiment[0].exit_code == 0
     assert "best/trial_id" in experiment[0].summary
     assert all(r.exit_code == 0 for r in trials)
+
+
+def test_ray_train_example_logs_one_run_from_rank_zero(tmp_path, clean_env):
+    out = run_example("ray_train.py", tmp_path / "results", clean_env)
+    assert "wandb sync" in out and "offline-run-*" in out
+    runs = [read_run(p) for p in find_run_files(tmp_path / "results")]
+    assert len(runs) == 1
+    (run,) = runs
+    assert run.name == "ray-train" and run.group == "ray-train"
+    assert run.column("epoch") == [1, 2, 3, 4, 5]
+    assert run.column("rank") == [0] * 5
+    assert run.exit_code == 0

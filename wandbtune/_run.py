@@ -57,7 +57,9 @@ def init_kwargs(
         if settings.environ.get(var):  # shipped from the driver
             kwargs[name] = settings.environ[var]
     if trial_id:
-        kwargs.update(id=trial_id, resume="allow")
+        kwargs["id"] = trial_id
+        if not settings.offline():  # offline W&B ignores it, with a warning
+            kwargs["resume"] = "allow"
     if trial_name:
         kwargs["name"] = trial_name
     dir = settings.env("WANDB_DIR") or dir  # the user's choice wins over ours

@@ -77,7 +77,7 @@ def training_loop_run(settings: Settings, config: Mapping[str, Any]) -> Iterator
         settings,
         trial_id=identity["run_id"],
         trial_name=identity["name"],
-        experiment=None,
+        experiment=identity["name"],  # the default group, as for Tune trials
         config=config,
         dir=identity["dir"],
     )
