@@ -62,6 +62,7 @@ import bench_source
 import bench_variants
 from bench_variants import (
     DEFAULT_SHAPES,
+    EXTRA_VARIANTS,
     LARGE_SHAPE,
     ONLINE_MAX_CONCURRENT,
     ONLINE_SHAPES,
@@ -187,7 +188,7 @@ def main() -> int:
     parser.add_argument(
         "--variants",
         nargs="*",
-        choices=VARIANTS + ONLINE_VARIANTS,
+        choices=VARIANTS + EXTRA_VARIANTS + ONLINE_VARIANTS,
         help="default: the five offline ones; with --online, the online ones",
     )
     parser.add_argument(
@@ -256,7 +257,7 @@ def main() -> int:
         max_concurrent = args.max_concurrent or ONLINE_MAX_CONCURRENT
     else:
         os.environ["WANDB_MODE"] = "offline"
-        offered = VARIANTS
+        offered = VARIANTS + [v for v in EXTRA_VARIANTS if v in (args.variants or ())]
         shapes = args.shapes or (DEFAULT_SHAPES + ([LARGE_SHAPE] if args.large else []))
         work_ms = args.work_ms or 0.0
         max_concurrent = args.max_concurrent

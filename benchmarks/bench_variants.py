@@ -32,6 +32,9 @@ VARIANTS = [
     "ray-setup_wandb",
 ]
 W_AND_B_VARIANTS = VARIANTS[1:]
+#: Run only when named in --variants: the callback without its experiment run,
+#: to measure what the experiment run costs the driver.
+EXTRA_VARIANTS = ["wandbtune-callback-no-experiment-run"]
 ONLINE_SUFFIX = "-online"
 ONLINE_VARIANTS = [v + ONLINE_SUFFIX for v in W_AND_B_VARIANTS]
 DEFAULT_SHAPES = ["8x200", "1x3000"]
@@ -132,6 +135,11 @@ def make_variant(variant: str) -> tuple[Any, list[Any]]:
         return wandbtune.wandb_trainable(project=PROJECT, **kwargs)(train_plain), []
     if variant == "wandbtune-callback":
         return train_plain, [wandbtune.WandbLoggerCallback(project=PROJECT, **kwargs)]
+    if variant == "wandbtune-callback-no-experiment-run":
+        callback = wandbtune.WandbLoggerCallback(
+            project=PROJECT, experiment_run=False, **kwargs
+        )
+        return train_plain, [callback]
     if variant == "ray-callback":
         from ray.air.integrations.wandb import WandbLoggerCallback
 
