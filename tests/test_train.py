@@ -192,3 +192,26 @@ def test_a_decorated_training_loop_in_a_decorated_tune_trial_is_one_run(
         assert run.column("loss") == [1.0, 2.0, 3.0]
         assert run.column("own") == []
         assert run.exit_code == 0
+
+
+def test_rank_zeros_own_logging_and_checkpoints_reach_the_run(ray_session, tmp_path):
+    @wandb_trainable(project="train", upload_checkpoints=True)
+    def loop(config):
+        import wandb
+
+        if ray.train.get_context().get_world_rank() == 0:
+            assert wandb.run is not None
+            same = wandb.init(project="elsewhere")  # the run, not a second one
+            assert same.id == wandb.run.id
+        _loop(config)
+        if ray.train.get_context().get_world_rank() == 0:
+            wandb.log({"own": 1}, commit=False)  # joins the last report's row
+
+    _fit(tmp_path, loop, {"epochs": 2})
+    runs = _runs(tmp_path)
+    assert len(runs) == 1
+    ((_, (run,)),) = runs.items()
+    assert run.column("loss") == [1.0, 2.0]
+    assert run.column("own") == [1]
+    assert run.rows[-1]["own"] == 1 and run.rows[-1]["training_iteration"] == 2
+    assert len(run.artifacts) == 2  # one version per reported checkpoint
