@@ -78,3 +78,21 @@ def test_a_key_in_the_trial_config_is_warned_about_once_on_the_driver(
     assert len(out.runs) == 2
     for run in out.runs.values():
         assert "wandb" not in run.config and KEY not in repr(run.config)
+
+
+def test_a_pickled_key_is_a_token_that_each_ray_cluster_resolves(ray_session):
+    # The key travels through the Ray cluster's key-value store; a driver that
+    # starts a second cluster (as this suite does per module) must put it there
+    # again, not reuse the first cluster's token.
+    import pickle
+
+    from tests.conftest import start_ray
+
+    settings = _settings.Settings(api_key=KEY)
+    pickled = pickle.dumps(settings)
+    assert KEY.encode() not in pickled
+    assert pickle.loads(pickled).api_key == KEY
+    start_ray()  # a new cluster, an empty store
+    again = pickle.dumps(settings)
+    assert KEY.encode() not in again
+    assert pickle.loads(again).api_key == KEY

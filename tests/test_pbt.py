@@ -64,12 +64,18 @@ def pbt() -> PopulationBasedTraining:
     )
 
 
-def _tune_rows(result):
-    df = result.metrics_dataframe
-    return [
-        (int(i), round(float(s), 9))
-        for i, s in zip(df["training_iteration"], df["score"], strict=True)
-    ]
+class _Received(tune.Callback):
+    """Every result Tune's driver receives, per trial, in order. (Tune's own
+    files are not the record here: after PBT restarts a trial, its
+    result.json or progress.csv can miss results Tune received.)"""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, list[tuple[int, float]]] = {}
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.rows.setdefault(trial.trial_id, []).append(
+            (result["training_iteration"], round(result["score"], 9))
+        )
 
 
 @pytest.mark.parametrize("reuse_actors", [False, True])
@@ -77,13 +83,16 @@ def test_pbt_every_recorded_result_is_in_w_and_b_and_exploits_are_recorded(
     ray_session, tmp_path, reuse_actors
 ):
     storage = tmp_path / "results"
+    received = _Received()
     results = tune.Tuner(
         _climb,
         param_space=PARAM_SPACE,
         tune_config=tune.TuneConfig(
             scheduler=pbt(), metric="score", mode="max", reuse_actors=reuse_actors
         ),
-        run_config=RunConfig(name="pbt", storage_path=str(storage), verbose=0),
+        run_config=RunConfig(
+            name="pbt", storage_path=str(storage), callbacks=[received], verbose=0
+        ),
     ).fit()
     assert len(results) == 4 and not results.errors
 
@@ -108,7 +117,7 @@ def test_pbt_every_recorded_result_is_in_w_and_b_and_exploits_are_recorded(
         steps = [row["_step"] for row in rows]
         assert steps == sorted(set(steps))  # W&B drops no row: steps increase
         in_wandb = [(row["training_iteration"], round(row["score"], 9)) for row in rows]
-        recorded = _tune_rows(result)
+        recorded = received.rows[trial_id]
         assert len(recorded) >= 5  # (Tune may record fewer for a trial PBT ended)
         # Every result, in Tune's order; a repeat of the same computation (a
         # trial PBT paused goes on from its own checkpoint: same iteration,

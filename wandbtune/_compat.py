@@ -532,7 +532,8 @@ def trial_error_message(trial: Any) -> Optional[str]:
 # --- an API key through the Ray cluster, never in a pickle ---------------------------
 
 _KEY_NAMESPACE = "wandbtune"
-_key_tokens: dict[str, str] = {}
+#: Tokens by (cluster, key): a driver can start several Ray clusters in turn.
+_key_tokens: dict[tuple[str, str], str] = {}
 
 
 def key_to_cluster(key: str) -> Optional[str]:
@@ -545,9 +546,10 @@ def key_to_cluster(key: str) -> Optional[str]:
 
         if not internal_kv._internal_kv_initialized():  # type: ignore[no-untyped-call]
             return None
-        token = _key_tokens.get(key)
-        if token is None:
-            token = _key_tokens[key] = f"api-key-{uuid.uuid4().hex}"
+        cluster = str(ray.get_runtime_context().gcs_address)
+        token = _key_tokens.get((cluster, key))
+        if token is None or key_from_cluster(token) != key:  # a new cluster
+            token = _key_tokens[cluster, key] = f"api-key-{uuid.uuid4().hex}"
             internal_kv._internal_kv_put(
                 token, key.encode(), overwrite=True, namespace=_KEY_NAMESPACE
             )
