@@ -355,11 +355,30 @@ def wandb_kill_service(setup: Any = None) -> bool:
     kill = getattr(process, "kill", None)
     if not callable(kill):
         return False
+    _kill_children(getattr(process, "pid", None))  # wandb 0.19: its wandb-core
     try:
         kill()
     except OSError:
         return False
     return True
+
+
+def _kill_children(pid: Optional[int]) -> None:
+    """Kill the processes a W&B service started (wandb 0.19's Python service
+    runs wandb-core as its child)."""
+    if not isinstance(pid, int):
+        return
+    try:
+        import psutil
+
+        children = psutil.Process(pid).children(recursive=True)
+    except Exception:  # noqa: BLE001 - gone already, or no psutil
+        return
+    for child in children:
+        try:
+            child.kill()
+        except Exception:  # noqa: BLE001
+            continue
 
 
 def wandb_current_step(run: Any) -> Optional[int]:
