@@ -986,10 +986,6 @@ class ExperimentLog:
         run = self._run
         if run is None or getattr(getattr(run, "settings", None), "_offline", True):
             return
-        if not _compat.wandb_has_setting("finish_timeout"):
-            # wandb 0.19: its public-API client was seen sending a request
-            # with no key (user "api", password None) besides the given one.
-            return
         own = _trainable_settings(trial) or self._settings
         settings = own.merged(getattr(trial, "config", None) or {})
         if settings.offline():
