@@ -563,11 +563,6 @@ def earlier_attempts(run: Any) -> Lineage:
         return Lineage()
 
 
-def logged_by_earlier_attempts(run: Any) -> int | None:
-    """The last ``training_iteration`` earlier attempts logged to ``run``."""
-    return earlier_attempts(run).last_iteration
-
-
 def _lineage_beside(run: Any) -> Lineage:
     from pathlib import Path
 
