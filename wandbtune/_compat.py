@@ -465,7 +465,7 @@ def train_run_identity() -> dict[str, Any]:
         return {
             "run_id": f"train-{digest}",
             "name": context.get_experiment_name(),
-            "dir": storage_trial_dir_v2(storage),
+            "dir": storage_experiment_dir(storage),
         }
     session = get_session()  # V1: the trainer runs as one Tune trial
     info = getattr(session, "trial_info", None)
@@ -477,7 +477,11 @@ def train_run_identity() -> dict[str, Any]:
     }
 
 
-def storage_trial_dir_v2(storage: Any) -> Optional[str]:
+def storage_experiment_dir(storage: Any) -> Optional[str]:
+    """The experiment's (Train V2: the run's) directory in a ``StorageContext``,
+    or None when that storage is not on the local filesystem."""
+    if storage is None:
+        return None
     import pyarrow.fs
 
     if isinstance(storage.storage_filesystem, pyarrow.fs.LocalFileSystem):

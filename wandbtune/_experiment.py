@@ -249,17 +249,6 @@ def _budget(scheduler: Any) -> Optional[tuple[str, float]]:
     return None
 
 
-def _experiment_dir(storage: Any) -> Optional[str]:
-    """The experiment's directory in storage, if on the local filesystem."""
-    if storage is None:
-        return None
-    import pyarrow.fs
-
-    if isinstance(storage.storage_filesystem, pyarrow.fs.LocalFileSystem):
-        return str(storage.experiment_fs_path)
-    return None
-
-
 def _run_id(storage: Any, name: str) -> str:
     """The experiment run's id: the same for every ``fit()`` of the same
     experiment directory (``Tuner.restore`` continues the run)."""
@@ -673,7 +662,7 @@ class ExperimentLog:
                 trial_name=name,
                 experiment=name,
                 config=self._run_config(),
-                dir=_experiment_dir(storage),
+                dir=_compat.storage_experiment_dir(storage),
             )
         except Exception as exc:  # noqa: BLE001 - Tune goes on without it
             self._off = True
