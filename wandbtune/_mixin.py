@@ -313,6 +313,12 @@ class WandbTrainableMixin:
         if pending is None:
             return
         settings, trial = pending
+        if not _worker.idle():
+            # reuse_actors: the previous trial's run is still being written.
+            # Let it be, before this trial runs: W&B's backlog in this actor
+            # stays one trial long, which the end of the experiment can drain
+            # (Tune kills stopping actors after 5 s), however short trials are.
+            self._wandbtune_drain("finish the previous trial's run")
         trial = {
             **trial,
             "exploit": exploit_of(trial["trial_id"], restored, trial["config"]),
@@ -350,12 +356,18 @@ class WandbTrainableMixin:
             # reset_config could not reuse this actor): make sure it is written.
             _worker.submit(flush_wandb)
         if wait:
-            if not _worker.wait_idle(_END_WAIT_S):
-                logger.warning(
-                    "wandbtune: W&B did not finish this trial's run within %.0f s; "
-                    "what it wrote is on disk for `wandb sync`.",
-                    _END_WAIT_S,
-                )
+            self._wandbtune_drain("finish this trial's run")
+
+    @staticmethod
+    def _wandbtune_drain(what: str) -> None:
+        """Wait, bounded, until the W&B thread has done all it was given."""
+        if not _worker.wait_idle(_END_WAIT_S):
+            logger.warning(
+                "wandbtune: W&B did not %s within %.0f s; "
+                "what it wrote is on disk for `wandb sync`.",
+                what,
+                _END_WAIT_S,
+            )
 
 
 def _nobody() -> None:
