@@ -253,17 +253,21 @@ import wandb
 from wandbtune._run import flush_wandb
 
 def services():
-    # This process's live child processes (W&B's service is one).
+    # This process's live child processes that are W&B's (its service, by
+    # command line); every child is printed, so a failure shows what was left.
     found = []
     for entry in os.listdir("/proc"):
         try:
             with open(f"/proc/{entry}/stat") as fh:
                 fields = fh.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                command = fh.read().replace(b"\\0", b" ").decode(errors="replace")
         except (OSError, IndexError):
             continue
-        if int(fields[1]) == os.getpid() and fields[0] != "Z":
-            found.append(int(entry))
-    return found
+        if int(fields[1]) == os.getpid() and fields[0] not in "ZX":
+            found.append(command[:200])
+    print("CHILDREN", found, flush=True)
+    return [command for command in found if "wandb" in command]
 
 try:
     wandb.init(project="silent", dir=sys.argv[1])
