@@ -550,8 +550,15 @@ class FaultProxy:
             )
 
     def keys_seen(self) -> set[str]:
+        """The API keys requests to W&B's API (GraphQL, file streams)
+        carried; "" for one without a key. Others carry none by design: file
+        uploads (signed URLs on W&B's servers), wandb-core's telemetry."""
         with self._lock:
-            return {s.key for s in self.seen if s.key}
+            return {
+                s.key or ""
+                for s in self.seen
+                if s.path.startswith("/graphql") or s.path.endswith("/file_stream")
+            }
 
     # --- life ---
 

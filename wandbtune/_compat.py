@@ -302,7 +302,10 @@ def wandb_use_key(key: str) -> None:
     Newer wandb logs in with the key in ``wandb.init``'s settings. Older wandb
     (0.19) logs in with the process's global settings only, and would save a
     key given to ``wandb.login`` in ``~/.netrc``: there the key goes into the
-    global settings, in memory.
+    global settings, in memory. Its client-side API calls (logging a
+    ``wandb.Table`` asks the server about artifact types) read neither: they
+    take a thread-local key, set here for the calling thread, the one that
+    logs (else they went out with no key at all).
     """
     import inspect
 
@@ -311,8 +314,10 @@ def wandb_use_key(key: str) -> None:
     if "update_api_key" in inspect.signature(wandb_login._login).parameters:
         return
     import wandb
+    from wandb.sdk.internal.thread_local_settings import _thread_local_api_settings
 
     wandb.setup(settings=wandb.Settings(api_key=key))
+    _thread_local_api_settings.api_key = key
 
 
 def wandb_own_service() -> None:
