@@ -110,7 +110,14 @@ def sweeps(online: Online, tmp_path_factory: pytest.TempPathFactory) -> dict[str
             plain_five_reports,
             tmp / "callback",
             space,
-            callbacks=[WandbLoggerCallback(project="online-callback", **with_key())],
+            callbacks=[
+                WandbLoggerCallback(
+                    project="online-callback",
+                    metric="score",
+                    metric_mode="max",
+                    **with_key(),
+                )
+            ],
         )
         return {
             "decorator": decorated,
@@ -172,6 +179,41 @@ def test_every_trial_logged_by_the_callback_is_complete_on_the_server(online, sw
     _assert_complete_on_server(
         online, sweeps["callback"], "online-callback", experiment_run=True
     )
+
+
+def test_the_best_trial_s_run_is_tagged_best_on_the_server(online, sweeps):
+    # Through W&B's GraphQL API as the public API speaks it (openwandb needs
+    # two fixes for that, see tests/wandb_server.py); the runs stay finished.
+    stored = online.store.runs("online-callback")
+    results = sweeps["callback"]
+    best = max(results, key=lambda result: result.metrics["score"])
+    trials = [trial_id(result) for result in results]
+    assert len(trials) == 2 and trial_id(best) == trial_id(results[1])  # lr 0.2
+    assert [stored[t].tags for t in trials] == [
+        ["best"] if t == trial_id(best) else [] for t in trials
+    ]
+    assert [stored[t].state for t in trials] == ["finished", "finished"]
+
+
+def test_the_tag_moves_and_a_missing_run_is_not_created(online, sweeps):
+    # What a second fit() of the experiment does when another trial is best:
+    # the tag leaves the earlier best run, other tags stay; a run the server
+    # does not have is not created by the tagging.
+    import wandb
+    from wandbtune._experiment import _retag
+
+    api = wandb.Api(api_key=FAKE_KEY, overrides={"base_url": online.url})
+    first, second = (trial_id(result) for result in sweeps["decorator"])
+    project = "online-decorator"
+    entity = "default"  # openwandb's
+    _retag(api, entity, project, first, lambda tags: tags | {"best", "kept"})
+    _retag(api, entity, project, second, lambda tags: tags | {"best"})
+    _retag(api, entity, project, first, lambda tags: tags - {"best"})
+    _retag(api, entity, project, "no-such-run", lambda tags: tags | {"best"})
+    stored = online.store.runs(project)
+    assert len(stored) == 2 and "no-such-run" not in stored
+    assert (stored[first].tags, stored[second].tags) == (["kept"], ["best"])
+    assert stored[first].state == stored[second].state == "finished"
 
 
 # --- f) the key ------------------------------------------------------------------

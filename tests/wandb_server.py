@@ -17,7 +17,10 @@ openwandb answers ``{}`` and nothing, so the client never sees a run as
 resumed (``run.resumed`` stays False, the summary is not restored, and the
 step starts at 0 again). With the first alone, the client sees a resumed run
 and fails to start it ("no events tail found"). The fix gives all three
-answers as W&B does.
+answers as W&B does. Two more, always: openwandb rejects the empty
+``operationName`` that wandb 0.31 sends with public-API queries (W&B ignores
+it), and sets a run's state to "running" on any upsertBucket that names no
+state (W&B keeps it): the best trial's tag goes through both.
 
 ``FaultProxy`` sits between the client and the server and can add latency,
 answer 429 (with Retry-After), 5xx or 401, or stop answering altogether.
@@ -181,6 +184,53 @@ if os.environ.get("WANDBTUNE_RESUME_FIX") == "1":
 
     schema._run_to_type = _run_to_type
 
+# Two more differences from W&B's server, for the public API's calls (the
+# best trial's tag): wandb 0.31 sends ``"operationName": ""`` with every
+# public-API query, which W&B ignores and strawberry (openwandb's GraphQL)
+# rejects; and openwandb sets a run's state to "running" on every
+# upsertBucket that names no state, where W&B leaves the state as it is.
+import strawberry.http as strawberry_http
+
+_request_init = strawberry_http.GraphQLRequestData.__init__
+
+
+def _request_data_init(self, *args, **kwargs):
+    _request_init(self, *args, **kwargs)
+    if self.operation_name == "":
+        object.__setattr__(self, "operation_name", None)
+
+
+strawberry_http.GraphQLRequestData.__init__ = _request_data_init
+
+import openwandb.graphql_schema as schema_module
+from openwandb import database
+
+(_upsert,) = [
+    f for f in schema_module.Mutation.__strawberry_definition__.fields
+    if f.python_name == "upsert_bucket"
+]
+_upsert_bucket = _upsert.base_resolver.wrapped_func
+
+
+def _upsert_bucket_keeping_state(*args, **kwargs):
+    given = kwargs.get("input")
+    run_id = kwargs.get("name") or kwargs.get("id")
+    state = kwargs.get("state")
+    if given is not None:
+        run_id = given.name or given.id or run_id
+        state = given.state or state
+    before = database.get_run(run_id) if run_id and not state else None
+    answer = _upsert_bucket(*args, **kwargs)
+    if before is not None:
+        with database.get_db() as conn:
+            conn.execute(
+                "UPDATE runs SET state = ? WHERE run_id = ?", (before["state"], run_id)
+            )
+    return answer
+
+
+_upsert.base_resolver.wrapped_func = _upsert_bucket_keeping_state
+
 from openwandb.cli import main
 
 sys.argv = ["openwandb", *sys.argv[1:]]
@@ -205,6 +255,7 @@ class StoredRun:
     #: the run's config without W&B's own ``_wandb`` entry, values unwrapped
     config: dict[str, Any]
     summary: dict[str, Any]
+    tags: list[str] = field(default_factory=list)
 
 
 class Store:
@@ -289,6 +340,7 @@ def _stored_run(row: sqlite3.Row) -> StoredRun:
         state=row["state"],
         config=config,
         summary=json.loads(row["summary_json"] or "{}"),
+        tags=json.loads(row["tags_json"] or "[]"),
     )
 
 

@@ -313,11 +313,24 @@ def wandb_use_key(key: str) -> None:
 
     if "update_api_key" in inspect.signature(wandb_login._login).parameters:
         return
-    import wandb
     from wandb.sdk.internal.thread_local_settings import _thread_local_api_settings
+
+    import wandb
 
     wandb.setup(settings=wandb.Settings(api_key=key))
     _thread_local_api_settings.api_key = key
+
+
+def wandb_api_graphql(api: Any, query: str, variables: dict[str, Any]) -> Any:
+    """Run one GraphQL operation through a public ``wandb.Api``; returns its
+    ``data``. Newer wandb sends it through its service (``_service_api``),
+    older wandb (0.19) through ``api.client`` and its vendored ``gql``."""
+    service = getattr(api, "_service_api", None)
+    if service is not None:
+        return service.execute_graphql(query, variables)
+    from wandb_gql import gql  # type: ignore[import-not-found,unused-ignore]
+
+    return api.client.execute(gql(query), variable_values=variables)
 
 
 def wandb_own_service() -> None:

@@ -612,9 +612,11 @@ class ExperimentLog:
         self._finished = True
         try:
             best = self._final_best(trials)
-            self._relog(best=best)
-            if best is not None:
-                self._tag_best(best[0])
+            try:
+                self._relog(best=best)
+            finally:
+                if best is not None:
+                    self._tag_best(best[0])
         finally:
             self._finish(flush)
 
@@ -847,7 +849,12 @@ class ExperimentLog:
                 allow_mixed_types=True,
             )
             self._exploits_logged = len(self._exploits)
-        run.log(row)
+        try:
+            run.log(row)
+        except Exception as exc:  # noqa: BLE001 - the summary goes on
+            # W&B can refuse a table (wandb 0.19 asks the server about the
+            # table's artifact first): the summary and the tag still go out.
+            self._trouble(f"logging the tables: {type(exc).__name__}: {exc}")
         self._update_summary(trials, best)
 
     def _trials_table(self, trials: Sequence[Any]) -> tuple[list[Any], list[list[Any]]]:
@@ -1000,14 +1007,10 @@ class ExperimentLog:
                     api_key=key, overrides=overrides, timeout=int(TAG_TIMEOUT_S)
                 )
                 if previous:
-                    old = api.run(f"{entity}/{project}/{previous}")
-                    if BEST_TAG in old.tags:
-                        old.tags = [t for t in old.tags if t != BEST_TAG]
-                        old.update()
-                best = api.run(f"{entity}/{project}/{trial_id}")
-                if BEST_TAG not in best.tags:
-                    best.tags = [*best.tags, BEST_TAG]
-                    best.update()
+                    _retag(
+                        api, entity, project, previous, lambda tags: tags - {BEST_TAG}
+                    )
+                _retag(api, entity, project, trial_id, lambda tags: tags | {BEST_TAG})
             except BaseException as exc:  # noqa: BLE001 - reported below
                 errors.append(exc)
 
@@ -1026,6 +1029,43 @@ class ExperimentLog:
             )
             return
         self._tagged = trial_id
+
+
+#: A run's tags, and a change of them alone, in W&B's GraphQL API: what the
+#: public API's ``Run.update()`` sends, less the rest of the run (its config
+#: and summary, sent again by ``update()``, would be a second writer).
+_RUN_TAGS = """
+query RunTags($entity: String, $project: String!, $run: String!) {
+  project(name: $project, entityName: $entity) { run(name: $run) { tags } }
+}"""
+_SET_RUN_TAGS = """
+mutation SetRunTags($entity: String, $project: String, $run: String, $tags: [String!]) {
+  upsertBucket(input: {entityName: $entity, modelName: $project, name: $run,
+                       tags: $tags}) { bucket { id } }
+}"""
+
+
+def _retag(
+    api: Any,
+    entity: Optional[str],
+    project: Optional[str],
+    run_id: str,
+    change: Callable[[set[str]], set[str]],
+) -> None:
+    """Change a run's tags on the server, if it has that run (an upsert of
+    a run that is not there would create it)."""
+    where = {"entity": entity, "project": project, "run": run_id}
+    found = _compat.wandb_api_graphql(api, _RUN_TAGS, where)
+    run = ((found or {}).get("project") or {}).get("run")
+    if run is None:
+        return
+    tags = list(run.get("tags") or [])
+    wanted = change(set(tags))
+    if wanted == set(tags):
+        return
+    kept = [t for t in tags if t in wanted]
+    new = [*kept, *sorted(wanted - set(tags))]
+    _compat.wandb_api_graphql(api, _SET_RUN_TAGS, {**where, "tags": new})
 
 
 class ExperimentRun(Callback):  # type: ignore[misc]
