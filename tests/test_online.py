@@ -200,6 +200,7 @@ def test_the_tag_moves_and_a_missing_run_is_not_created(online, sweeps):
     # the tag leaves the earlier best run, other tags stay; a run the server
     # does not have is not created by the tagging.
     import wandb
+
     from wandbtune._experiment import _retag
 
     api = wandb.Api(api_key=FAKE_KEY, overrides={"base_url": online.url})

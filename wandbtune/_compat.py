@@ -313,9 +313,8 @@ def wandb_use_key(key: str) -> None:
 
     if "update_api_key" in inspect.signature(wandb_login._login).parameters:
         return
-    from wandb.sdk.internal.thread_local_settings import _thread_local_api_settings
-
     import wandb
+    from wandb.sdk.internal.thread_local_settings import _thread_local_api_settings
 
     wandb.setup(settings=wandb.Settings(api_key=key))
     _thread_local_api_settings.api_key = key
