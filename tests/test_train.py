@@ -27,9 +27,10 @@ from wandbtune.testing import read_runs
 
 
 def _loop(config):
-    """Reports ``epochs`` times; rank r reports loss = epoch + 100 r. Goes on
-    from its checkpoint; raises once at ``fail_at`` on rank ``fail_rank``
-    (marker file), or always with ``fail_always``."""
+    """Reports ``epochs`` times; rank r reports loss = epoch + 100 r, and the
+    attempt (1 once the marker exists). Goes on from its checkpoint, saved
+    every ``checkpoint_every`` epochs; raises once at ``fail_at`` on rank
+    ``fail_rank`` (marker file), or always with ``fail_always``."""
     rank = ray.train.get_context().get_world_rank()
     start = 0
     checkpoint = ray.train.get_checkpoint()
@@ -37,6 +38,7 @@ def _loop(config):
         with checkpoint.as_directory() as path:
             start = json.loads(Path(path, "state.json").read_text())["epoch"]
     marker = Path(config.get("marker", "/nonexistent/marker"))
+    attempt = int(marker.exists())
     for epoch in range(start + 1, config["epochs"] + 1):
         if rank == config.get("fail_rank", 0) and epoch == config.get("fail_at"):
             if config.get("fail_always"):
@@ -45,6 +47,10 @@ def _loop(config):
                 marker.touch()
                 raise RuntimeError(f"rank {rank} fails at epoch {epoch}")
         metrics = {"loss": float(epoch + 100 * rank), "epoch": epoch}
+        metrics["attempt"] = attempt
+        if epoch % config.get("checkpoint_every", 1):
+            ray.train.report(metrics)
+            continue
         with tempfile.TemporaryDirectory() as path:
             Path(path, "state.json").write_text(json.dumps({"epoch": epoch}))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(path))
@@ -88,21 +94,28 @@ def test_rank_zero_logs_every_report_as_one_run(ray_session, tmp_path):
 def test_a_restarted_worker_group_continues_the_run_with_no_row_twice(
     ray_session, tmp_path
 ):
+    # Fails once at epoch 4; the restart goes on from epoch 2's checkpoint and
+    # reports epoch 3 again: W&B keeps the first attempt's row.
     loop = wandb_trainable(project="train")(_loop)
-    config = {"epochs": 5, "fail_at": 3, "marker": str(tmp_path / "failed")}
+    config = {
+        "epochs": 5,
+        "fail_at": 4,
+        "checkpoint_every": 2,
+        "marker": str(tmp_path / "failed"),
+    }
     _fit(tmp_path, loop, config, max_failures=1)
 
     runs = _runs(tmp_path)
     assert len(runs) == 1, sorted(runs)
     ((_, attempts),) = runs.items()
     assert [run.exit_code for run in attempts] == [1, 0]  # failed, then finished
-    assert attempts[0].summary[ERROR_KEY] == "RuntimeError: rank 0 fails at epoch 3"
+    assert attempts[0].summary[ERROR_KEY] == "RuntimeError: rank 0 fails at epoch 4"
     rows = [row for run in attempts for row in run.rows]
     steps = [row["training_iteration"] for row in rows]
-    assert len(rows) >= 5
+    assert len(rows) == 5
     assert steps == sorted(set(steps))  # the step increases across the restart
-    # the first attempt's two reports, then the restart's three (from epoch 3)
     assert [row["epoch"] for row in rows] == [1, 2, 3, 4, 5]
+    assert [row["attempt"] for row in rows] == [0, 0, 0, 1, 1]
 
 
 def test_a_training_run_that_fails_is_a_failed_run_with_its_error(
@@ -215,3 +228,38 @@ def test_rank_zeros_own_logging_and_checkpoints_reach_the_run(ray_session, tmp_p
     assert run.column("own") == [1]
     assert run.rows[-1]["own"] == 1 and run.rows[-1]["training_iteration"] == 2
     assert len(run.artifacts) == 2  # one version per reported checkpoint
+
+
+def test_a_second_fit_that_resumes_from_the_checkpoint_continues_the_run(
+    ray_session, tmp_path
+):
+    # The first fit() fails at epoch 4 (no retries left); the second, with the
+    # same config (the failure happens once), goes on from epoch 2's
+    # checkpoint: epoch 3 is reported again, W&B keeps the first one.
+    loop = wandb_trainable(project="train")(_loop)
+    config = {
+        "epochs": 5,
+        "fail_at": 4,
+        "checkpoint_every": 2,
+        "marker": str(tmp_path / "failed"),
+    }
+    with pytest.raises(Exception):  # noqa: B017 - V1 and V2 raise their own
+        _fit(tmp_path, loop, config)
+    if TRAIN_V2:
+        # V2 goes on from the run's latest checkpoint by itself: the same
+        # name and storage path.
+        _fit(tmp_path, loop, config)
+    else:
+        DataParallelTrainer.restore(
+            str(tmp_path / "storage" / "train-run"), train_loop_per_worker=loop
+        ).fit()
+
+    runs = _runs(tmp_path)
+    assert len(runs) == 1, sorted(runs)  # the same run, continued
+    ((_, attempts),) = runs.items()
+    assert [run.exit_code for run in attempts] == [1, 0]  # failed, then finished
+    rows = [row for run in attempts for row in run.rows]
+    assert [row["epoch"] for row in rows] == [1, 2, 3, 4, 5]  # none twice
+    assert [row["attempt"] for row in rows] == [0, 0, 0, 1, 1]
+    steps = [row["training_iteration"] for row in rows]
+    assert steps == sorted(set(steps))

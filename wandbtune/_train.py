@@ -145,9 +145,10 @@ class _TrainingLoopRun:
 
     def __init__(self, run: TrialRun) -> None:
         self.run = run
-        # Train V1 has no report count that survives a restart: go on after
-        # what earlier attempts logged.
-        self.count = run.logged_by_earlier_attempts or 0
+        #: The training_iteration of the last report: the count of reports
+        #: since the loop started, after the iteration of the checkpoint it
+        #: went on from, as Tune counts (see _restored_iteration).
+        self.count = _restored_iteration(run)
         self._owner: Any = None
         self._original: Optional[Callable[..., Any]] = None
         self._ended = threading.Lock()
@@ -162,16 +163,16 @@ class _TrainingLoopRun:
 
     def _report(self, *args: Any, **kwargs: Any) -> Any:
         assert self._original is not None
-        before = _compat.train_report_index()
-        out = self._original(*args, **kwargs)
-        index = _compat.train_report_index()
-        if index is None:
-            self.count += 1
-            index = self.count
-        elif index == before:
-            return out  # V2 skipped this report (a worker failed meanwhile)
         metrics = args[0] if args else kwargs.get("metrics")
         checkpoint = args[1] if len(args) > 1 else kwargs.get("checkpoint")
+        index = self.count + 1
+        if checkpoint is not None:
+            _mark_iteration(checkpoint, index)
+        before = _compat.train_report_index()
+        out = self._original(*args, **kwargs)
+        if before is not None and _compat.train_report_index() == before:
+            return out  # V2 skipped this report (a worker failed meanwhile)
+        self.count = index
         if isinstance(metrics, Mapping):
             self.run.log_result({**metrics, TRAINING_ITERATION: index})
         if checkpoint is not None:
@@ -207,6 +208,46 @@ class _TrainingLoopRun:
                 logger.debug("wandbtune: error not recorded", exc_info=True)
         self.run.finish(failed=failed)
         flush_wandb(flush_s)  # the worker is killed soon: write it out now
+
+
+#: The checkpoint metadata key holding the training_iteration of the report
+#: that saved the checkpoint.
+ITERATION_METADATA_KEY = "wandbtune_training_iteration"
+
+
+def _mark_iteration(checkpoint: Any, iteration: int) -> None:
+    """Write ``iteration`` into a reported checkpoint's metadata (Ray's
+    ``Checkpoint.update_metadata``; a file in the checkpoint's directory)."""
+    try:
+        checkpoint.update_metadata({ITERATION_METADATA_KEY: iteration})
+    except Exception:  # noqa: BLE001 - never stops training
+        logger.debug("wandbtune: checkpoint not marked", exc_info=True)
+
+
+def _restored_iteration(run: TrialRun) -> int:
+    """The training_iteration this attempt of the loop goes on from.
+
+    Ray Train counts reports, not iterations: a worker-group restart or a
+    re-fit goes on from the last checkpoint, and the reports after it are
+    made again. As Tune does for trials, wandbtune numbers them from the
+    checkpoint's iteration (marked in its metadata when it was reported), so
+    they repeat logged iterations and are not logged twice. With no
+    checkpoint, from 0; with a checkpoint wandbtune did not mark (one given by
+    the user), after what earlier attempts logged.
+    """
+    try:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return 0
+        marked = checkpoint.get_metadata().get(ITERATION_METADATA_KEY)
+    except Exception:  # noqa: BLE001 - never stops training
+        logger.debug("wandbtune: restored checkpoint not read", exc_info=True)
+        marked = None
+    if isinstance(marked, int):
+        return marked
+    return run.logged_by_earlier_attempts or 0
 
 
 def _note_once(what: str, message: str) -> None:
