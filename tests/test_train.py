@@ -263,3 +263,74 @@ def test_a_second_fit_that_resumes_from_the_checkpoint_continues_the_run(
     assert [row["attempt"] for row in rows] == [0, 0, 0, 1, 1]
     steps = [row["training_iteration"] for row in rows]
     assert steps == sorted(set(steps))
+
+
+INTERRUPTED_TRAINING = """
+import json, sys, time
+from pathlib import Path
+import ray.train
+from tests.raycompat import DataParallelTrainer, TrainRunConfig, scaling
+from wandbtune import wandb_trainable
+from wandbtune.testing import read_runs
+
+@wandb_trainable(project="train")
+def slow(config):
+    for epoch in range(1, 10_000):
+        ray.train.report({"loss": float(epoch)})
+        if epoch == 2 and ray.train.get_context().get_world_rank() == 0:
+            Path(config["marker"]).touch()
+        time.sleep(0.1)
+
+storage = sys.argv[1]
+try:
+    DataParallelTrainer(
+        slow,
+        train_loop_config={"marker": storage + "/reported"},
+        scaling_config=scaling(2),
+        run_config=TrainRunConfig(name="interrupted", storage_path=storage),
+    ).fit()
+finally:
+    # The run as it is when fit() gives up, before this process exits.
+    runs = read_runs(Path(storage))
+    print("RUNS", json.dumps({
+        run_id: [
+            {"exit_code": run.exit_code, "error": run.summary.get("train/error"),
+             "loss": run.column("loss")}
+            for run in attempts
+        ]
+        for run_id, attempts in runs.items()
+    }), flush=True)
+"""
+
+
+@pytest.mark.skipif(not TRAIN_V2, reason="Ray 2.30 kills rank 0 with no hook first")
+def test_an_interrupted_training_run_is_finished_when_fit_returns(tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    from tests.conftest import child_process
+
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    script = INTERRUPTED_TRAINING
+    with child_process("-c", script, str(storage), stderr=subprocess.DEVNULL) as proc:
+        deadline = time.monotonic() + 120
+        while not (storage / "reported").exists():
+            if proc.poll() is not None:
+                pytest.fail("the training run ended before it was interrupted")
+            if time.monotonic() > deadline:
+                pytest.fail("rank 0 did not report twice within 120 s")
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, _ = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail("fit() did not return within 120 s of SIGINT")
+    (line,) = [line for line in out.splitlines() if line.startswith("RUNS ")]
+    runs = json.loads(line.split(" ", 1)[1])
+    assert len(runs) == 1, runs
+    ((run,),) = runs.values()
+    assert run["exit_code"] == 1  # finished (as failed: see README, "Ray Train")
+    assert "stopped by Ray Train" in run["error"]
+    assert run["loss"][:2] == [1.0, 2.0]
