@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 from ray import train, tune
@@ -202,11 +204,30 @@ def test_users_own_wandb_logging_never_drops_a_mirrored_row(sweep):
     assert all("training_iteration" in r for r in own[1:])
 
 
+def _slow_w_and_b() -> None:
+    """In a trial's process: each mirrored row takes 50 ms more to log. W&B
+    made slow on purpose, a stand-in for a loaded machine (here W&B is faster
+    than Tune's round trip): code that logs right after a report would
+    overtake the report's row if it did not wait for it."""
+    import time
+
+    from wandbtune._run import TrialRun
+
+    log_result = TrialRun.log_result
+
+    def slowly(self: TrialRun, result: Any) -> None:
+        time.sleep(0.05)
+        log_result(self, result)
+
+    TrialRun.log_result = slowly  # type: ignore[method-assign]
+
+
 def test_commit_false_user_data_lands_in_the_mirrored_row(sweep):
     @wandb_trainable(project="attach")
     def attaches(config):
         import wandb
 
+        _slow_w_and_b()
         for i in range(3):
             report({"metric": i})
             wandb.log({"attached": i * 100}, commit=False)
@@ -216,6 +237,40 @@ def test_commit_false_user_data_lands_in_the_mirrored_row(sweep):
     assert [row["_step"] for row in run.rows] == [1, 2, 3]
     assert run.column("training_iteration") == [1, 2, 3]
     assert run.column("attached") == [0, 100, 200]
+
+
+def test_log_on_a_kept_run_object_lands_in_the_mirrored_row(sweep):
+    # Code that keeps the run object (as Lightning's WandbLogger keeps its
+    # experiment) and logs to it right after each report: each value lands in
+    # that report's row, never in the one before.
+    @wandb_trainable(project="attach")
+    def attaches_to_a_kept_run(config):
+        import wandb
+
+        _slow_w_and_b()
+        run = wandb.run
+        for i in range(20):
+            report({"metric": i})
+            run.log({"attached": i * 100}, commit=False)
+
+    run = sweep(attaches_to_a_kept_run).only_run()
+    rows = [(row.get("training_iteration"), row.get("attached")) for row in run.rows]
+    assert len(rows) == 20
+    assert rows == [(i + 1, i * 100) for i in range(20)]
+
+
+def test_a_function_that_reports_faster_than_w_and_b_logs_loses_no_row(sweep):
+    # It never touches wandb, so it does not wait for each row; W&B's backlog
+    # is bounded, and everything is written by the trial's end.
+    @wandb_trainable(project="fast")
+    def fast(config):
+        for i in range(3000):
+            report({"i": i})
+
+    run = sweep(fast).only_run()
+    assert len(run.rows) == 3000
+    assert run.column("i") == list(range(3000))
+    assert run.exit_code == 0
 
 
 def _tmp_checkpoint_dir() -> str:
