@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -145,3 +146,24 @@ def child_process(
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
+
+
+def interrupt_when(
+    proc: subprocess.Popen[str], ready: Callable[[], Any], what: str
+) -> str:
+    """Send SIGINT (Ctrl-C) to a ``child_process`` once ``ready()`` holds and
+    return its stdout once it exits; fail the test if it ends first, or if
+    either wait takes more than 120 s. ``what``: what ``ready`` waits for."""
+    deadline = time.monotonic() + 120
+    while not ready():
+        if proc.poll() is not None:
+            pytest.fail(f"the child ended before it was interrupted ({what})")
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within 120 s: {what}")
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    try:
+        out, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the child did not exit within 120 s of SIGINT")
+    return out

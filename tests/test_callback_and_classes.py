@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import pickle
-import signal
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import pyarrow.fs
@@ -15,7 +13,7 @@ import pytest
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
-from tests.conftest import child_process
+from tests.conftest import child_process, interrupt_when
 from tests.helpers import tune_iterations
 from tests.raycompat import Checkpoint, CheckpointConfig, RunConfig, report
 from tests.trainable_classes import Counter, DecoratedCounter
@@ -325,19 +323,12 @@ def test_interrupting_fit_finishes_and_flushes_every_run(tmp_path, how):
         "-c", INTERRUPTED, str(storage), how, stderr=subprocess.DEVNULL
     )
     with interrupted as proc:
-        # Interrupt once both trials have some results in.
-        deadline = time.monotonic() + 120
-        while len(recorded := _results_recorded(storage)) < 2 or min(recorded) < 2:
-            if proc.poll() is not None:
-                pytest.fail(f"the sweep ended before it was interrupted: {recorded}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"no two trials with results after 120 s: {recorded}")
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
-        try:
-            out, _ = proc.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            pytest.fail("fit() did not return within 120 s of SIGINT")
+
+        def both_trials_have_results() -> bool:
+            recorded = _results_recorded(storage)
+            return len(recorded) == 2 and min(recorded) >= 2
+
+        out = interrupt_when(proc, both_trials_have_results, "two trials' results")
     # As fit() returned: both runs complete and finished (an interrupted trial
     # is finished like a stopped one, exit code 0).
     lines = [line.split() for line in out.splitlines() if line.startswith("RUN ")]

@@ -13,7 +13,6 @@ import json
 import logging
 import pickle
 import re
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ import pytest
 from ray import tune
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
-from tests.conftest import child_process
+from tests.conftest import child_process, interrupt_when
 from tests.raycompat import RunConfig, report
 from tests.test_pbt import PARAM_SPACE, _climb, pbt
 from wandbtune import wandb_trainable
@@ -305,23 +304,14 @@ def test_after_ctrl_c_the_experiment_run_is_complete_when_fit_returns(tmp_path):
     with child_process(
         "-c", INTERRUPTED, str(storage), stderr=subprocess.DEVNULL
     ) as proc:
-        deadline = time.monotonic() + 120
-        while True:  # interrupt once both trials have results
+
+        def both_trials_have_results() -> bool:
             recorded = [
                 p.read_text().count("\n") - 1 for p in storage.glob("*/*/progress.csv")
             ]
-            if len(recorded) == 2 and min(recorded) >= 2:
-                break
-            if proc.poll() is not None:
-                pytest.fail(f"the sweep ended before it was interrupted: {recorded}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"no two trials with results after 120 s: {recorded}")
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
-        try:
-            out, _ = proc.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            pytest.fail("fit() did not return within 120 s of SIGINT")
+            return len(recorded) == 2 and min(recorded) >= 2
+
+        out = interrupt_when(proc, both_trials_have_results, "two trials' results")
     (line,) = [line for line in out.splitlines() if line.startswith("EXPERIMENT ")]
     seen = json.loads(line.split(" ", 1)[1])
     assert seen["exit_code"] == 0  # finished before fit() returned

@@ -91,31 +91,41 @@ def test_rank_zero_logs_every_report_as_one_run(ray_session, tmp_path):
     assert run.exit_code == 0
 
 
-def test_a_restarted_worker_group_continues_the_run_with_no_row_twice(
-    ray_session, tmp_path
-):
-    # Fails once at epoch 4; the restart goes on from epoch 2's checkpoint and
-    # reports epoch 3 again: W&B keeps the first attempt's row.
-    loop = wandb_trainable(project="train")(_loop)
-    config = {
+def _fails_once_at_epoch_four(tmp_path):
+    """A config: checkpoints every 2 epochs, fails once at epoch 4; the next
+    attempt goes on from epoch 2's checkpoint and reports epoch 3 again."""
+    return {
         "epochs": 5,
         "fail_at": 4,
         "checkpoint_every": 2,
         "marker": str(tmp_path / "failed"),
     }
-    _fit(tmp_path, loop, config, max_failures=1)
 
+
+def _one_run_that_kept_the_first_epoch_three(tmp_path):
+    """The attempts of the one run: failed, then finished; each epoch logged
+    once, epoch 3 with the first attempt's values; the step increasing."""
     runs = _runs(tmp_path)
-    assert len(runs) == 1, sorted(runs)
+    assert len(runs) == 1, sorted(runs)  # the same run, continued
     ((_, attempts),) = runs.items()
     assert [run.exit_code for run in attempts] == [1, 0]  # failed, then finished
-    assert attempts[0].summary[ERROR_KEY] == "RuntimeError: rank 0 fails at epoch 4"
     rows = [row for run in attempts for row in run.rows]
-    steps = [row["training_iteration"] for row in rows]
     assert len(rows) == 5
-    assert steps == sorted(set(steps))  # the step increases across the restart
-    assert [row["epoch"] for row in rows] == [1, 2, 3, 4, 5]
+    assert [row["epoch"] for row in rows] == [1, 2, 3, 4, 5]  # none twice
     assert [row["attempt"] for row in rows] == [0, 0, 0, 1, 1]
+    steps = [row["training_iteration"] for row in rows]
+    assert steps == sorted(set(steps))
+    return attempts
+
+
+def test_a_restarted_worker_group_continues_the_run_with_no_row_twice(
+    ray_session, tmp_path
+):
+    loop = wandb_trainable(project="train")(_loop)
+    _fit(tmp_path, loop, _fails_once_at_epoch_four(tmp_path), max_failures=1)
+
+    attempts = _one_run_that_kept_the_first_epoch_three(tmp_path)
+    assert attempts[0].summary[ERROR_KEY] == "RuntimeError: rank 0 fails at epoch 4"
 
 
 def test_a_training_run_that_fails_is_a_failed_run_with_its_error(
@@ -233,16 +243,10 @@ def test_rank_zeros_own_logging_and_checkpoints_reach_the_run(ray_session, tmp_p
 def test_a_second_fit_that_resumes_from_the_checkpoint_continues_the_run(
     ray_session, tmp_path
 ):
-    # The first fit() fails at epoch 4 (no retries left); the second, with the
-    # same config (the failure happens once), goes on from epoch 2's
-    # checkpoint: epoch 3 is reported again, W&B keeps the first one.
+    # The first fit() fails (no retries left); the second, with the same
+    # config (the failure happens once), goes on from the checkpoint.
     loop = wandb_trainable(project="train")(_loop)
-    config = {
-        "epochs": 5,
-        "fail_at": 4,
-        "checkpoint_every": 2,
-        "marker": str(tmp_path / "failed"),
-    }
+    config = _fails_once_at_epoch_four(tmp_path)
     with pytest.raises(Exception):  # noqa: B017 - V1 and V2 raise their own
         _fit(tmp_path, loop, config)
     if TRAIN_V2:
@@ -254,15 +258,7 @@ def test_a_second_fit_that_resumes_from_the_checkpoint_continues_the_run(
             str(tmp_path / "storage" / "train-run"), train_loop_per_worker=loop
         ).fit()
 
-    runs = _runs(tmp_path)
-    assert len(runs) == 1, sorted(runs)  # the same run, continued
-    ((_, attempts),) = runs.items()
-    assert [run.exit_code for run in attempts] == [1, 0]  # failed, then finished
-    rows = [row for run in attempts for row in run.rows]
-    assert [row["epoch"] for row in rows] == [1, 2, 3, 4, 5]  # none twice
-    assert [row["attempt"] for row in rows] == [0, 0, 0, 1, 1]
-    steps = [row["training_iteration"] for row in rows]
-    assert steps == sorted(set(steps))
+    _one_run_that_kept_the_first_epoch_three(tmp_path)
 
 
 INTERRUPTED_TRAINING = """
@@ -305,28 +301,16 @@ finally:
 
 @pytest.mark.skipif(not TRAIN_V2, reason="Ray 2.30 kills rank 0 with no hook first")
 def test_an_interrupted_training_run_is_finished_when_fit_returns(tmp_path):
-    import signal
     import subprocess
-    import time
 
-    from tests.conftest import child_process
+    from tests.conftest import child_process, interrupt_when
 
     storage = tmp_path / "storage"
     storage.mkdir()
     script = INTERRUPTED_TRAINING
     with child_process("-c", script, str(storage), stderr=subprocess.DEVNULL) as proc:
-        deadline = time.monotonic() + 120
-        while not (storage / "reported").exists():
-            if proc.poll() is not None:
-                pytest.fail("the training run ended before it was interrupted")
-            if time.monotonic() > deadline:
-                pytest.fail("rank 0 did not report twice within 120 s")
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
-        try:
-            out, _ = proc.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            pytest.fail("fit() did not return within 120 s of SIGINT")
+        reported = (storage / "reported").exists
+        out = interrupt_when(proc, reported, "rank 0's second report")
     (line,) = [line for line in out.splitlines() if line.startswith("RUNS ")]
     runs = json.loads(line.split(" ", 1)[1])
     assert len(runs) == 1, runs
