@@ -260,8 +260,8 @@ def test_log_on_a_kept_run_object_lands_in_the_mirrored_row(sweep):
 
 
 def test_a_function_that_reports_faster_than_w_and_b_logs_loses_no_row(sweep):
-    # It never touches wandb, so it does not wait for each row; W&B's backlog
-    # is bounded, and everything is written by the trial's end.
+    # Reports as fast as it can and never touches wandb: every row is
+    # written by the trial's end.
     @wandb_trainable(project="fast")
     def fast(config):
         for i in range(3000):

@@ -30,7 +30,7 @@ from wandbtune._run import (
     start_or_warn,
 )
 from wandbtune._settings import Settings
-from wandbtune._worker import Gate, Worker, gate_run_log
+from wandbtune._worker import Gate, Worker
 
 logger = logging.getLogger("wandbtune")
 
@@ -42,11 +42,6 @@ _worker = Worker()
 _WAIT_S = INIT_TIMEOUT_S + 15.0
 #: How long the end of a trial waits for its run to be finished and written.
 _END_WAIT_S = INIT_TIMEOUT_S + TEARDOWN_TIMEOUT_S + 15.0
-
-#: How far W&B may fall behind a function trainable (tasks: about one per
-#: report) before its code waits at the next report: what is left when the
-#: trial ends must be written in the few seconds Tune gives a stopping actor.
-_MAX_BEHIND = 100
 
 #: How long cleanup waits for a stopped trial's function to unwind (Tune kills
 #: actors that take more than 5 s to stop at the end of an experiment).
@@ -85,7 +80,6 @@ class _Trial:
             self.run = start_or_warn(self.settings, **self.trial)
             if self.run is not None:
                 _init_guard.install(self.run.run, owner=threading.current_thread())
-                gate_run_log(self.run.run)
         except BaseException as exc:  # noqa: BLE001 - raised in the trial's thread
             self.error = exc
         finally:
@@ -223,26 +217,15 @@ class WandbTrainableMixin:
 
     def _wandbtune_before_user_code(self, trial: _Trial) -> None:
         """Called before train() lets user code run on (the function resumes
-        from its last report, or a class's step() runs).
-
-        What user code logs itself lines up with the last reported row only
-        if that row has reached W&B first. A function's code waits for that
-        only if it touches ``wandb`` (the gate, again, and ``run.log``): code
-        that never does waits only when W&B falls _MAX_BEHIND tasks behind.
-        A class's step() runs in this thread: it waits here.
-        """
+        from its last report, or a class's step() runs)."""
         if not trial.started.is_set():
             return  # still starting: user code touching wandb waits (Gate)
-        trial.raise_start_error()
-        if trial.gate.timed_out:
-            trial.patient = False  # W&B hung once: never hold user code again
-        if not trial.patient:
-            trial.gate.remove()
-        elif _compat.is_function_trainable(self) and _worker.pending() <= _MAX_BEHIND:
-            trial.gate.waiting_for = "logged this trial's last result"
-            trial.gate.install()
-        elif not trial.wait("log the trial's last result"):
+        trial.gate.remove()
+        # What user code logs itself lines up with the last reported row
+        # only if that row has reached W&B: usually done long ago.
+        if trial.patient and not trial.wait("log the trial's last result"):
             trial.patient = False
+        trial.raise_start_error()
 
     def save(self, *args: Any, **kwargs: Any) -> Any:
         # Tune persists a checkpoint through save() for function and class

@@ -61,10 +61,6 @@ class Worker:
         """True when every submitted task is done."""
         return self._tasks.unfinished_tasks == 0
 
-    def pending(self) -> int:
-        """Submitted tasks not done yet."""
-        return int(self._tasks.unfinished_tasks)
-
     def wait_idle(self, timeout: Optional[float]) -> bool:
         """Wait until every task submitted so far is done; False on timeout.
 
@@ -130,9 +126,8 @@ class Gate:
     """Makes the training thread wait for the run when it touches ``wandb``.
 
     Installed on the ``wandb`` module (its ``__class__``) while a trial's run
-    starts in the W&B thread, and again each time a function trainable's
-    code resumes after a report (then it waits for that report's row to be
-    logged); removed once user code has passed it, or when the run finishes. Only
+    starts in the W&B thread; removed once user code has passed it, at the
+    trial's first train() after the start, or when the run finishes. Only
     ``thread_of_user_code()`` waits, and only for the names in GATED_NAMES:
     W&B's own threads and the W&B thread itself go straight through.
     """
@@ -146,10 +141,6 @@ class Gate:
         self._worker = worker
         self._user_thread = thread_of_user_code
         self._timeout = timeout
-        #: What user code waits for, as the warning on a timeout says it.
-        self.waiting_for = "started this trial's run"
-        #: Set once a wait ran out of time (W&B is hung or far behind).
-        self.timed_out = False
 
     def install(self) -> None:
         """Gate the ``wandb`` module, now or, if it is not imported yet, the
@@ -166,11 +157,9 @@ class Gate:
         if threading.current_thread() is not self._user_thread():
             return
         if not self._worker.wait_idle(self._timeout):
-            self.timed_out = True
             logger.warning(
-                "wandbtune: W&B has not %s after %.0f s; "
+                "wandbtune: W&B has not started this trial's run after %.0f s; "
                 "your code goes on without waiting for it.",
-                self.waiting_for,
                 self._timeout,
             )
         self.remove()
@@ -185,28 +174,6 @@ class Gate:
         wandb = sys.modules.get("wandb")
         if wandb is not None and type(wandb) is _GatedModule:
             wandb.__class__ = types.ModuleType  # type: ignore[assignment]
-
-
-def gate_run_log(run: Any) -> None:
-    """Make ``run.log`` pass the open gate too, for code that keeps the run
-    object itself (``run = wandb.run`` once, as Lightning's ``WandbLogger``
-    does) and so never touches the ``wandb`` module again. Per instance; the
-    W&B thread's own calls go straight through, as for the module."""
-    original = run.log
-    if getattr(original, "_wandbtune_gated", False):
-        return
-
-    def log(*args: Any, **kwargs: Any) -> Any:
-        gate = _gate
-        if gate is not None:
-            gate.pass_through()
-        return original(*args, **kwargs)
-
-    log._wandbtune_gated = True  # type: ignore[attr-defined]
-    try:
-        run.log = log
-    except Exception:  # noqa: BLE001 - a run that takes no attributes
-        logger.debug("wandbtune: run.log not gated", exc_info=True)
 
 
 class _GateOnImport(importlib.abc.MetaPathFinder):
