@@ -144,8 +144,8 @@ def test_a_training_run_that_fails_is_a_failed_run_with_its_error(
 
 
 def test_another_rank_failing_finishes_rank_zeros_run(ray_session, tmp_path):
-    if not TRAIN_V2:
-        pytest.skip("Train V1 kills rank 0 with no hook to finish its run first")
+    # V2: Ray's worker-shutdown hook; V1: rank 1 holds its error until rank 0
+    # has finished the run.
     loop = wandb_trainable(project="train")(_loop)
     with pytest.raises(Exception):  # noqa: B017 - V1 and V2 raise their own
         _fit(
@@ -158,6 +158,11 @@ def test_another_rank_failing_finishes_rank_zeros_run(ray_session, tmp_path):
     ((_, (run,)),) = runs.items()
     assert run.exit_code == 1
     assert "stopped by Ray Train" in run.summary[ERROR_KEY]
+    if not TRAIN_V2:
+        assert (
+            "rank 1 failed: RuntimeError: rank 1 fails at epoch 2"
+            in (run.summary[ERROR_KEY])
+        )
 
 
 def test_a_key_given_to_a_decorated_training_loop_is_in_no_file(
@@ -299,7 +304,9 @@ finally:
 """
 
 
-@pytest.mark.skipif(not TRAIN_V2, reason="Ray 2.30 kills rank 0 with no hook first")
+@pytest.mark.skipif(
+    not TRAIN_V2, reason="Ray 2.30 kills rank 0 with no hook on an interrupt"
+)
 def test_an_interrupted_training_run_is_finished_when_fit_returns(tmp_path):
     import subprocess
 

@@ -590,9 +590,8 @@ def key_to_cluster(key: str) -> Optional[str]:
         token = _key_tokens.get((cluster, key))
         if token is None or key_from_cluster(token) != key:  # a new cluster
             token = _key_tokens[cluster, key] = f"api-key-{uuid.uuid4().hex}"
-            internal_kv._internal_kv_put(
-                token, key.encode(), overwrite=True, namespace=_KEY_NAMESPACE
-            )
+            if not cluster_put(token, key):
+                return None
         return token
     except Exception:  # noqa: BLE001 - then the key goes inline, as before
         return None
@@ -601,12 +600,46 @@ def key_to_cluster(key: str) -> Optional[str]:
 def key_from_cluster(token: str) -> Optional[str]:
     """The key ``key_to_cluster`` stored under ``token``; None if this
     process is not in that cluster (a pickle read after it shut down)."""
+    return cluster_get(token)
+
+
+# --- Train V1: a failing rank tells rank 0, through the same store -------------
+
+
+def train_attempt_key() -> Optional[str]:
+    """V1 only: a key naming this attempt of the training run, the same in
+    each of its workers (the trainer's per-attempt ``run_id``); None on V2,
+    which has a worker-shutdown hook instead, and outside Ray Train."""
+    if _train_v2_context() is not None:
+        return None
+    info = getattr(get_session(), "trial_info", None)
+    attempt = getattr(info, "run_id", None)
+    return f"train-attempt-{attempt}" if attempt else None
+
+
+def cluster_put(key: str, value: str) -> bool:
+    """Put ``value`` under ``key`` in the Ray cluster's key-value store."""
+    try:
+        from ray.experimental import internal_kv
+
+        if not internal_kv._internal_kv_initialized():  # type: ignore[no-untyped-call]
+            return False
+        internal_kv._internal_kv_put(
+            key, value.encode(), overwrite=True, namespace=_KEY_NAMESPACE
+        )
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def cluster_get(key: str) -> Optional[str]:
+    """The value under ``key`` in the Ray cluster's key-value store."""
     try:
         from ray.experimental import internal_kv
 
         if not internal_kv._internal_kv_initialized():  # type: ignore[no-untyped-call]
             return None
-        value = internal_kv._internal_kv_get(token, namespace=_KEY_NAMESPACE)
+        value = internal_kv._internal_kv_get(key, namespace=_KEY_NAMESPACE)
         return value.decode() if value else None
     except Exception:  # noqa: BLE001
         return None
