@@ -582,9 +582,7 @@ def key_to_cluster(key: str) -> Optional[str]:
     import uuid
 
     try:
-        from ray.experimental import internal_kv
-
-        if not internal_kv._internal_kv_initialized():  # type: ignore[no-untyped-call]
+        if _cluster_kv() is None:
             return None
         cluster = str(ray.get_runtime_context().gcs_address)
         token = _key_tokens.get((cluster, key))
@@ -617,14 +615,23 @@ def train_attempt_key() -> Optional[str]:
     return f"train-attempt-{attempt}" if attempt else None
 
 
+def _cluster_kv() -> Any:
+    """Ray's internal key-value store module, if this process is connected
+    to a Ray cluster; else None."""
+    from ray.experimental import internal_kv
+
+    if not internal_kv._internal_kv_initialized():  # type: ignore[no-untyped-call]
+        return None
+    return internal_kv
+
+
 def cluster_put(key: str, value: str) -> bool:
     """Put ``value`` under ``key`` in the Ray cluster's key-value store."""
     try:
-        from ray.experimental import internal_kv
-
-        if not internal_kv._internal_kv_initialized():  # type: ignore[no-untyped-call]
+        kv = _cluster_kv()
+        if kv is None:
             return False
-        internal_kv._internal_kv_put(
+        kv._internal_kv_put(
             key, value.encode(), overwrite=True, namespace=_KEY_NAMESPACE
         )
         return True
@@ -635,11 +642,10 @@ def cluster_put(key: str, value: str) -> bool:
 def cluster_get(key: str) -> Optional[str]:
     """The value under ``key`` in the Ray cluster's key-value store."""
     try:
-        from ray.experimental import internal_kv
-
-        if not internal_kv._internal_kv_initialized():  # type: ignore[no-untyped-call]
+        kv = _cluster_kv()
+        if kv is None:
             return None
-        value = internal_kv._internal_kv_get(key, namespace=_KEY_NAMESPACE)
+        value = kv._internal_kv_get(key, namespace=_KEY_NAMESPACE)
         return value.decode() if value else None
     except Exception:  # noqa: BLE001
         return None

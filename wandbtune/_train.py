@@ -182,8 +182,8 @@ class _TrainingLoopRun:
         self._original = self._owner.report
         self._owner.report = self._report
         _init_guard.install(self.run.run)
-        hooked = _compat.train_on_worker_shutdown(self._killed)
-        if not hooked and self._watched is not None:  # V1: another rank tells us
+        _compat.train_on_worker_shutdown(self._killed)  # V2
+        if self._watched is not None:  # V1 (no hook): another rank tells us
             threading.Thread(
                 target=self._watch,
                 args=(self._watched,),
