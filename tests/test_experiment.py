@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import pickle
-import re
 import subprocess
 import time
 from pathlib import Path
@@ -23,8 +22,7 @@ from ray import tune
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from tests.conftest import child_process, interrupt_when
-from tests.raycompat import RunConfig, report
-from tests.test_pbt import PARAM_SPACE, _climb, pbt
+from tests.raycompat import report
 from wandbtune import wandb_trainable
 from wandbtune._experiment import ExperimentRun
 from wandbtune._settings import ConfigError
@@ -205,62 +203,6 @@ def test_trials_still_running_when_the_time_budget_ends_are_interrupted(sweep):
     assert len(rows) == 3
     assert [row["outcome"] for row in rows] == ["interrupted"] * 3
     assert run.summary["tune/interrupted"] == 3 and run.exit_code == 0
-
-
-# --- PBT ------------------------------------------------------------------------------
-
-
-def test_pbt_exploits_are_a_table_and_the_best_trial_is_tunes(ray_session, tmp_path):
-    storage = tmp_path / "results"
-    results = tune.Tuner(
-        _climb,
-        param_space=PARAM_SPACE,
-        tune_config=tune.TuneConfig(
-            scheduler=pbt(), metric="score", mode="max", reuse_actors=True
-        ),
-        run_config=RunConfig(
-            name="pbt",
-            storage_path=str(storage),
-            verbose=0,
-            callbacks=[ExperimentRun(project="pbt")],
-        ),
-    ).fit()
-    assert len(results) == 4 and not results.errors
-    run = experiment_run(storage, "pbt")
-
-    # PBT's own log: [trial tag, source tag, trial iteration, source
-    # iteration, source config, new config], one line per exploit.
-    policy = [
-        json.loads(line)
-        for line in (storage / "pbt" / "pbt_global.txt").read_text().splitlines()
-    ]
-    assert policy, "PBT exploited nothing: the test proves too little"
-    ids_by_tag = {}
-    for path in (storage / "pbt").iterdir():
-        found = re.search(r"_([0-9a-f]{5}_\d{5})_(\d+_lr=[\d.]+)_", path.name)
-        if found:
-            ids_by_tag[found.group(2)] = found.group(1)
-    assert len(ids_by_tag) == 4
-    exploits = last_table(run, "exploits")
-    assert len(exploits) == len(policy)
-    lr = {tid: float(tag.split("lr=")[1]) for tag, tid in ids_by_tag.items()}
-    for row, line in zip(exploits, policy, strict=True):
-        assert row["trial_id"] == ids_by_tag[line[0]]
-        assert row["source_trial_id"] == ids_by_tag[line[1]]
-        assert (row["iteration"], row["source_iteration"]) == (line[2], line[3])
-        old, new = json.loads(row["old_config"]), json.loads(row["new_config"])
-        assert old["lr"] == lr[row["trial_id"]]  # what the trial had before
-        assert new["lr"] == line[5]["lr"]
-        lr[row["trial_id"]] = new["lr"]
-    rows = last_table(run, "trials")
-    assert len(rows) == 4
-    assert sum(row["exploits"] for row in rows) == len(policy)
-    assert {row["outcome"] for row in rows} == {"completed"}
-    best = results.get_best_result()
-    assert run.summary["best/trial_id"] == best.metrics["trial_id"]
-    assert run.summary["best/score"] == pytest.approx(best.metrics["score"])
-    assert run.summary["best/config/lr"] == best.config["lr"]
-    assert run.summary["tune/exploits"] == len(policy)
 
 
 # --- Ctrl-C ---------------------------------------------------------------------------
