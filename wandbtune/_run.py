@@ -237,7 +237,7 @@ class TrialRun:
         if exploit is not None:
             self._start_lineage(exploit, earlier)
         elif earlier.exploits:  # each attempt's summary lists them all
-            self._set_summary(EXPLOITS_KEY, earlier.exploits)
+            self.set_summary(EXPLOITS_KEY, earlier.exploits)
         try:
             # Charts use Tune's iteration as their x-axis, and rows the user
             # logs without it get the last reported one (step_sync).
@@ -377,9 +377,11 @@ class TrialRun:
         }
         exploits = [*earlier.exploits, record]
         self._lineage = replace(earlier, exploits=exploits)
-        self._set_summary(EXPLOITS_KEY, exploits)
+        self.set_summary(EXPLOITS_KEY, exploits)
 
-    def _set_summary(self, key: str, value: Any) -> None:
+    def set_summary(self, key: str, value: Any) -> None:
+        """Set one summary key of the run; trouble is one warning, never
+        raised."""
         try:
             self.run.summary[key] = value
         except Exception as exc:  # noqa: BLE001 - never stops training
@@ -431,9 +433,9 @@ class TrialRun:
         traceback in a file of the run); never raises."""
         if self._finished:
             return
-        self._set_summary(OUTCOME_KEY, outcome.name)
+        self.set_summary(OUTCOME_KEY, outcome.name)
         if outcome.error is not None:
-            self._set_summary(ERROR_KEY, outcome.error)
+            self.set_summary(ERROR_KEY, outcome.error)
         if outcome.traceback is not None:
             try:
                 path = os.path.join(self.run.dir, TRACEBACK_FILE)

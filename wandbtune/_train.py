@@ -246,10 +246,7 @@ class _TrainingLoopRun:
             self._owner.report = self._original
         _init_guard.remove()
         if error is not None:
-            try:
-                self.run.run.summary[ERROR_KEY] = error[:1000]
-            except Exception:  # noqa: BLE001 - never stops training
-                logger.debug("wandbtune: error not recorded", exc_info=True)
+            self.run.set_summary(ERROR_KEY, error[:1000])
         self.run.finish(failed=failed)
         flush_wandb(flush_s)  # the worker is killed soon: write it out now
         if self._watched is not None:  # V1: a failing rank need not wait now
