@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -276,6 +277,54 @@ def trainable_storage(trainable: Any) -> Any:
 
 def experiment_name(storage: Any) -> Optional[str]:
     return getattr(storage, "experiment_dir_name", None)
+
+
+# --- Tune's driver: what tune.run was given (the experiment run reads it) ----------
+
+
+def tune_run_arguments() -> dict[str, Any]:
+    """The local variables of the ``ray.tune.tune.run`` call up the stack
+    (its arguments: ``metric``, ``mode``, ``scheduler``, ``search_alg``,
+    ``experiments``), or {} if there is none. Tune tells a callback's
+    ``setup`` only the stop criteria and sample counts."""
+    frame = sys._getframe(1)
+    for _ in range(40):
+        if frame is None:
+            break
+        code = frame.f_code
+        if code.co_name == "run" and frame.f_globals.get("__name__") == "ray.tune.tune":
+            return dict(frame.f_locals)
+        frame = frame.f_back  # type: ignore[assignment]
+    return {}
+
+
+def scheduler_mode(scheduler: Any) -> Any:
+    """A Tune scheduler's mode ("max"/"min"; None if it has none)."""
+    return getattr(scheduler, "_mode", None)
+
+
+def scheduler_budget(scheduler: Any) -> tuple[Any, Any]:
+    """(time attribute, max_t) of ASHA or HyperBand; (None, None) otherwise."""
+    time_attr = getattr(scheduler, "_time_attr", None)
+    max_t = getattr(scheduler, "_max_t", None)  # ASHA
+    if max_t is None:
+        max_t = getattr(scheduler, "_max_t_attr", None)  # HyperBand
+    return time_attr, max_t
+
+
+def stopper_parts(stopper: Any) -> list[Any]:
+    """The stoppers a ``CombinedStopper`` combines."""
+    parts = getattr(stopper, "_stoppers", None)
+    return list(parts) if isinstance(parts, (list, tuple)) else []
+
+
+def experiment_location(storage: Any) -> Optional[str]:
+    """Where an experiment is stored (``<filesystem>:<path>``), from a Tune
+    ``StorageContext``; None without one."""
+    if storage is None:
+        return None
+    fs = getattr(getattr(storage, "storage_filesystem", None), "type_name", "")
+    return f"{fs}:{getattr(storage, 'experiment_fs_path', None)}"
 
 
 # --- W&B private API -------------------------------------------------------------

@@ -151,7 +151,7 @@ def tune_setup(metric: Optional[str] = None, mode: Optional[str] = None) -> Tune
     up the stack; if that is not found (another Ray), only what is given here
     is known.
     """
-    found = _tune_run_locals()
+    found = _compat.tune_run_arguments()
     scheduler = found.get("scheduler")
     search_alg = found.get("search_alg")
     experiments = found.get("experiments")
@@ -163,7 +163,7 @@ def tune_setup(metric: Optional[str] = None, mode: Optional[str] = None) -> Tune
             (found.get("metric"), found.get("mode")),
             (
                 getattr(scheduler, "metric", None),
-                getattr(scheduler, "_mode", None),
+                _compat.scheduler_mode(scheduler),
             ),
             (
                 getattr(getattr(search_alg, "searcher", None), "metric", None),
@@ -189,24 +189,6 @@ def _first_metric(*candidates: tuple[Any, Any]) -> tuple[Optional[str], Any]:
     return None, None
 
 
-# Ray internals read here (candidates for _compat): the frame of tune.run and
-# a few attributes of Tune's stoppers and schedulers.
-
-
-def _tune_run_locals() -> dict[str, Any]:
-    """The local variables of the ``ray.tune.tune.run`` call up the stack,
-    or {} if there is none."""
-    frame = sys._getframe(1)
-    for _ in range(40):
-        if frame is None:
-            break
-        code = frame.f_code
-        if code.co_name == "run" and frame.f_globals.get("__name__") == "ray.tune.tune":
-            return dict(frame.f_locals)
-        frame = frame.f_back  # type: ignore[assignment]
-    return {}
-
-
 def _stops_trials(stopper: Any) -> bool:
     """Whether a Tune stopper can stop single trials (a time budget or a
     plateau of the whole experiment stops them all, which is an interrupt)."""
@@ -218,9 +200,7 @@ def _stops_trials(stopper: Any) -> bool:
     if isinstance(stopper, (TimeoutStopper, NoopStopper)):
         return False
     if isinstance(stopper, CombinedStopper):
-        parts = getattr(stopper, "_stoppers", None)
-        if isinstance(parts, (list, tuple)):
-            return any(_stops_trials(part) for part in parts)
+        return any(_stops_trials(part) for part in _compat.stopper_parts(stopper))
     return True
 
 
@@ -240,10 +220,7 @@ def _scheduler_stops_trials(scheduler: Any, known: bool) -> bool:
 def _budget(scheduler: Any) -> Optional[tuple[str, float]]:
     """ASHA and HyperBand stop a trial that reached ``max_t``: that trial ran
     its full budget."""
-    time_attr = getattr(scheduler, "_time_attr", None)
-    max_t = getattr(scheduler, "_max_t", None)  # ASHA
-    if max_t is None:
-        max_t = getattr(scheduler, "_max_t_attr", None)  # HyperBand
+    time_attr, max_t = _compat.scheduler_budget(scheduler)
     if isinstance(time_attr, str) and _is_number(max_t):
         return time_attr, float(max_t)  # type: ignore[arg-type]
     return None
@@ -252,10 +229,7 @@ def _budget(scheduler: Any) -> Optional[tuple[str, float]]:
 def _run_id(storage: Any, name: str) -> str:
     """The experiment run's id: the same for every ``fit()`` of the same
     experiment directory (``Tuner.restore`` continues the run)."""
-    where = name
-    if storage is not None:
-        fs = getattr(getattr(storage, "storage_filesystem", None), "type_name", "")
-        where = f"{fs}:{getattr(storage, 'experiment_fs_path', name)}"
+    where = _compat.experiment_location(storage) or name
     return "tune-" + hashlib.sha1(where.encode()).hexdigest()[:16]
 
 
@@ -980,7 +954,7 @@ class ExperimentLog:
         a run tagged by an earlier fit() of this experiment) through W&B's
         public API; best effort, bounded in time, never raises."""
         run = self._run
-        if run is None or getattr(getattr(run, "settings", None), "_offline", True):
+        if run is None or getattr(run, "offline", True):
             return
         own = _trainable_settings(trial) or self._settings
         settings = own.merged(getattr(trial, "config", None) or {})

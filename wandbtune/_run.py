@@ -557,7 +557,7 @@ def earlier_attempts(run: Any) -> Lineage:
                 config=dict(run.config),
                 exploits=list(exploits) if isinstance(exploits, list) else [],
             )
-        if not getattr(getattr(run, "settings", None), "_offline", False):
+        if not getattr(run, "offline", False):
             return Lineage()
         return _lineage_beside(run)
     except Exception as exc:  # noqa: BLE001 - a guess, never a failure
