@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,9 @@ from tests.raycompat import Checkpoint, RunConfig, get_checkpoint, report
 from tests.test_experiment import experiment_run, last_table
 from wandbtune import wandb_trainable
 from wandbtune._experiment import ExperimentRun
-from wandbtune._run import EXPLOITS_KEY
+from wandbtune._run import EXPLOITS_KEY, flush_wandb, start_run
+from wandbtune._settings import Settings
+from wandbtune.testing import find_run_files, read_run
 
 
 @wandb_trainable(project="pbt")
@@ -196,3 +199,30 @@ def _trial_id(path: Path) -> str:
 def _tag(dir_name: str) -> str:
     """'_climb_2a3a9_00000_0_lr=0.1000_2026-...' -> '0_lr=0.1000'."""
     return dir_name.split("_", 4)[4].rsplit("_", 2)[0]
+
+
+def test_a_run_started_again_in_the_same_second_keeps_its_earlier_log(tmp_path):
+    """A trial PBT pauses can go on in another actor within the same second.
+    wandb 0.19 names a run's directory by its start second and id, and a
+    second start there wrote over the first one's run log (rows lost: seen
+    as iterations 1-3 missing from a PBT trial's run). Both starts here fall
+    in one second unless the machine is very slow (then this cannot fail,
+    but never fails wrongly)."""
+    settings = Settings(project="pbt")
+    time.sleep(1.0 - time.time() % 1.0)  # at the start of a second
+    for attempt in (1, 2):
+        run = start_run(
+            settings,
+            exclusive=False,
+            trial_id="same-second",
+            trial_name="same-second",
+            experiment="pbt",
+            config={},
+            dir=str(tmp_path),
+        )
+        run.log({"attempt": attempt})
+        run.finish()
+    flush_wandb()  # wandb 0.19 completes a finished run's log just after
+    paths = find_run_files(tmp_path)
+    assert len(paths) == 2, paths
+    assert sorted(row["attempt"] for p in paths for row in read_run(p).rows) == [1, 2]

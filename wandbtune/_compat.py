@@ -10,6 +10,7 @@ that names the versions, instead of a trial failing deep inside.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import threading
@@ -335,6 +336,32 @@ def _wandb_setup() -> Any:
     import sys
 
     return getattr(sys.modules.get("wandb.sdk.wandb_setup"), "_singleton", None)
+
+
+def wandb_wait_for_a_new_run_dir(root: Optional[str], run_id: Optional[str]) -> None:
+    """Before ``wandb.init`` of a run that may have started before (a
+    retried, restored or PBT-resumed trial): on a wandb that names a run's
+    local directory ``<mode>-<start second>-<id>`` and does not check that it
+    is free (0.19; later ones add a ``-1`` suffix, ``x_sync_dir_suffix``),
+    wait until the second changes if the run's directory for this second
+    exists already. Another process starting the same run in the same second
+    would otherwise write over that directory's run log."""
+    if not root or not run_id or wandb_has_setting("x_sync_dir_suffix"):
+        return
+    import datetime
+    import time
+
+    for _ in range(3):
+        now = datetime.datetime.now()
+        second = now.strftime("%Y%m%d_%H%M%S")
+        taken = any(
+            os.path.exists(os.path.join(root, stage, f"{mode}-{second}-{run_id}"))
+            for stage in ("wandb", ".wandb")  # wandb's own choice of the two
+            for mode in ("offline-run", "run")
+        )
+        if not taken:
+            return
+        time.sleep(1.0 - now.microsecond / 1e6 + 0.01)
 
 
 def wandb_has_setting(name: str) -> bool:

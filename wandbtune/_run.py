@@ -102,6 +102,9 @@ def start_run(
         # A run left open in this process (by user code or an earlier trial
         # that was never cleaned up) would otherwise swallow this trial's rows.
         wandb.run.finish()
+    _compat.wandb_wait_for_a_new_run_dir(
+        kwargs.get("dir") or settings.env("WANDB_DIR"), kwargs.get("id")
+    )
     try:
         return wandb.init(**kwargs)
     except TypeError as exc:
