@@ -304,8 +304,12 @@ finally:
 """
 
 
-@pytest.mark.skipif(
-    not TRAIN_V2, reason="Ray 2.30 kills rank 0 with no hook on an interrupt"
+@pytest.mark.xfail(
+    not TRAIN_V2,
+    strict=True,
+    reason="OPEN (issue #14): on Ray 2.30 an interrupted fit() kills rank 0 "
+    "with its placement group and no hook runs in rank 0 first: the run is "
+    "left unfinished (no run log at all)",
 )
 def test_an_interrupted_training_run_is_finished_when_fit_returns(tmp_path):
     import subprocess
