@@ -99,12 +99,17 @@ def _open_files() -> list[str]:
 
 def _settled(before: dict[str, Any]) -> dict[str, Any]:
     """A snapshot once descriptors that only wait for the garbage collector
-    (W&B's and Ray's closed-over sockets) are gone, or after 10 s."""
+    (W&B's and Ray's closed-over sockets) are gone and threads that end with
+    ``fit()`` have ended (wandbtune's interrupt watch on Ray 2.30 looks
+    8 times a second), or after 10 s."""
     deadline = time.monotonic() + 10
     while True:
         gc.collect()
         now = _snapshot()
-        if len(now["fds"]) <= len(before["fds"]) or time.monotonic() > deadline:
+        settled = len(now["fds"]) <= len(before["fds"])
+        if (settled and now["threads"] == before["threads"]) or (
+            time.monotonic() > deadline
+        ):
             return now
         time.sleep(0.5)
 

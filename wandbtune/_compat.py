@@ -288,15 +288,28 @@ def tune_run_arguments() -> dict[str, Any]:
     (its arguments: ``metric``, ``mode``, ``scheduler``, ``search_alg``,
     ``experiments``), or {} if there is none. Tune tells a callback's
     ``setup`` only the stop criteria and sample counts."""
-    frame = sys._getframe(1)
-    for _ in range(40):
+    frame = _tune_run_frame(sys._getframe(1), depth=40)
+    return dict(frame.f_locals) if frame is not None else {}
+
+
+def _tune_run_frame(frame: Any, depth: int) -> Any:
+    """The ``ray.tune.tune.run`` frame at or below ``frame`` (at most
+    ``depth`` frames down), or None."""
+    for _ in range(depth):
         if frame is None:
             break
         code = frame.f_code
         if code.co_name == "run" and frame.f_globals.get("__name__") == "ray.tune.tune":
-            return dict(frame.f_locals)
-        frame = frame.f_back  # type: ignore[assignment]
-    return {}
+            return frame
+        frame = frame.f_back
+    return None
+
+
+def tune_runs_in_main_thread() -> bool:
+    """True while the main thread is inside ``tune.run`` (``Tuner.fit()``,
+    a Train V1 trainer's ``fit()``)."""
+    frame = sys._current_frames().get(threading.main_thread().ident or 0)
+    return _tune_run_frame(frame, depth=200) is not None
 
 
 def scheduler_mode(scheduler: Any) -> Any:
@@ -677,7 +690,7 @@ def key_from_cluster(token: str) -> Optional[str]:
     return cluster_get(token)
 
 
-# --- Train V1: a failing rank tells rank 0, through the same store -------------
+# --- Train V1: notices to rank 0 through the same store (_train_v1_notices) -----
 
 
 def train_attempt_key() -> Optional[str]:
@@ -689,6 +702,88 @@ def train_attempt_key() -> Optional[str]:
     info = getattr(get_session(), "trial_info", None)
     attempt = getattr(info, "run_id", None)
     return f"train-attempt-{attempt}" if attempt else None
+
+
+def train_trial_id() -> Optional[str]:
+    """V1 worker: the id of the Tune trial the trainer runs as."""
+    info = getattr(get_session(), "trial_info", None)
+    trial = getattr(info, "id", None)
+    return str(trial) if trial else None
+
+
+def ray_job_id() -> Optional[str]:
+    """This Ray job's id (the driver's, shared by its tasks and actors)."""
+    try:
+        if not ray.is_initialized():
+            return None
+        return str(ray.get_runtime_context().get_job_id())
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def is_ray_driver() -> bool:
+    """True in a connected Ray driver (the user's script), not in a worker."""
+    import ray._private.worker as ray_worker
+
+    return (
+        ray.is_initialized() and ray_worker.global_worker.mode == ray_worker.SCRIPT_MODE
+    )
+
+
+def train_v1_possible() -> bool:
+    """True where Ray Train runs as V1 (Ray 2.30; current Ray with
+    ``RAY_TRAIN_V2_ENABLED=0``)."""
+    try:
+        from ray.train.v2._internal.constants import is_v2_enabled
+    except ImportError:
+        return True
+    return not is_v2_enabled()
+
+
+def tune_takes_sigint() -> bool:
+    """True while Tune's interrupt handler is this process's SIGINT handler.
+    ``tune.run`` installs it; on SIGINT it sets Tune's stop flag and puts the
+    previous handler back (``ray.tune.tune._setup_signal_catching``)."""
+    import signal
+
+    handler = signal.getsignal(signal.SIGINT)
+    name = getattr(handler, "__qualname__", "")
+    return name == "_setup_signal_catching.<locals>.signal_interrupt_tune_run"
+
+
+_stop_hooks: list[Callable[[str], None]] = []
+
+
+def before_function_trial_stops(hook: Callable[[str], None]) -> None:
+    """Run ``hook(trial_id)`` in this process when a function trial is
+    stopped, before Tune frees the trial's resources (once per hook). A V1
+    trainer's trial is one.
+
+    Tune's stop of a function trial ends in its session's ``finish``
+    (``FunctionTrainable.cleanup``); the session's class is the one place to
+    hook it: the trial actor's ``FunctionTrainable`` may be a copy that Ray
+    unpickled by value, not the class of the ``ray.tune`` module.
+    """
+    if hook in _stop_hooks:
+        return
+    _stop_hooks.append(hook)
+    session_cls = _session_mod._TrainSession
+    original = session_cls.finish
+    if getattr(original, "_wandbtune_hooks", None) is _stop_hooks:
+        return
+
+    def finish(self: Any, *args: Any, **kwargs: Any) -> Any:
+        trial_id = getattr(getattr(self, "trial_info", None), "id", None)
+        if self.world_rank is None and isinstance(trial_id, str):
+            for each in list(_stop_hooks):
+                try:
+                    each(trial_id)
+                except Exception:  # noqa: BLE001 - never stops Tune's cleanup
+                    logger.debug("wandbtune: trial stop hook", exc_info=True)
+        return original(self, *args, **kwargs)
+
+    finish._wandbtune_hooks = _stop_hooks  # type: ignore[attr-defined]
+    session_cls.finish = finish  # type: ignore[method-assign]
 
 
 def _cluster_kv() -> Any:

@@ -95,6 +95,11 @@ class Settings:
     ship_environ: bool = True
 
     def __getstate__(self) -> dict[str, Any]:
+        # Settings are pickled with the decorated trainable: on the driver,
+        # where the code that warns a Train V1 rank 0 of an interrupt starts.
+        from wandbtune import _train_v1_notices
+
+        _train_v1_notices.on_pickled()
         state = dict(self.__dict__)
         if self.ship_environ:
             state["environ"] = {**_shipped_environ(), **self.environ}
@@ -109,6 +114,11 @@ class Settings:
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        # ... and unpickled where they run: in a Train V1 trainer's trial
+        # actor, where the trial's stop must wait for rank 0 (see there).
+        from wandbtune import _train_v1_notices
+
+        _train_v1_notices.on_unpickled()
         state = dict(state)
         token = state.pop("_api_key_token", None)
         if token is not None:

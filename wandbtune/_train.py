@@ -14,26 +14,24 @@ Tune, so the loop opens none.
 Ray Train kills workers without running their ``finally`` when another
 worker fails or ``fit()`` is interrupted. On Train V2 rank 0 finishes its run
 (exit code 1) in Ray's worker-shutdown hook first. Train V1 (Ray 2.30) has
-no such hook and kills rank 0 the moment another rank's error reaches the
-trainer: there the failing rank holds its error until rank 0, told through
-the Ray cluster's key-value store, has finished the run (a few seconds at
-most). An interrupted ``fit()`` on V1 is not covered.
+no such hook: there rank 0 hears it from the failing rank, the stopping
+trial or the interrupted driver (``_train_v1_notices``).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any, Optional
 
-from wandbtune import _compat, _init_guard
+from wandbtune import _compat, _init_guard, _train_v1_notices
 from wandbtune._row import TRAINING_ITERATION
 from wandbtune._run import TrialRun, flush_wandb, start_or_warn
 from wandbtune._settings import Settings
+from wandbtune._train_v1_notices import RankZeroNotices
 
 logger = logging.getLogger("wandbtune")
 
@@ -44,11 +42,6 @@ ERROR_KEY = "train/error"
 #: How long finishing waits for W&B's service at the end: Ray Train gives a
 #: worker's shutdown hooks 5 s in all before it kills the worker.
 _SHUTDOWN_FLUSH_S = 3.0
-
-#: Train V1: how often rank 0 looks for another rank's failure, and how long
-#: a failing rank holds its error for rank 0 to finish the run.
-_WATCH_INTERVAL_S = 0.25
-_TELL_WAIT_S = _SHUTDOWN_FLUSH_S + 3.0
 
 _noted: set[str] = set()
 
@@ -66,7 +59,7 @@ def training_loop_run(settings: Settings, config: Mapping[str, Any]) -> Iterator
             else:
                 yield
         except Exception as exc:
-            _tell_rank_zero(rank, exc)
+            _train_v1_notices.tell_rank_zero_a_rank_failed(rank, exc)
             raise
         return
     if _compat.train_reports_to_tune():
@@ -87,11 +80,9 @@ def training_loop_run(settings: Settings, config: Mapping[str, Any]) -> Iterator
     identity = _compat.train_run_identity()
     if settings.all_ranks:
         settings = _shared(settings, rank=0)
-    # V1: from now on a failing rank waits for rank 0 to finish the run (it
-    # can fail while W&B is still starting here).
-    watched = _compat.train_attempt_key()
-    if watched is not None and not _compat.cluster_put(f"{watched}:watched", "1"):
-        watched = None
+    # V1: from now on a failing rank or a stopping trial waits for rank 0 to
+    # finish the run (either can happen while W&B is still starting here).
+    notices = RankZeroNotices.listen()
     run = start_or_warn(
         settings,
         trial_id=identity["run_id"],
@@ -101,11 +92,11 @@ def training_loop_run(settings: Settings, config: Mapping[str, Any]) -> Iterator
         dir=identity["dir"],
     )
     if run is None:  # W&B could not start: train on without it
-        if watched is not None:
-            _compat.cluster_put(f"{watched}:finished", "1")  # nothing to finish
+        if notices is not None:
+            notices.finished()  # nothing to finish
         yield
         return
-    loop = _TrainingLoopRun(run, watched)
+    loop = _TrainingLoopRun(run, notices)
     loop.begin()
     try:
         yield
@@ -164,7 +155,9 @@ def _rank_in_shared_run(
 class _TrainingLoopRun:
     """Rank 0's run while the loop runs: mirrors reports, finishes once."""
 
-    def __init__(self, run: TrialRun, watched: Optional[str] = None) -> None:
+    def __init__(
+        self, run: TrialRun, notices: Optional[RankZeroNotices] = None
+    ) -> None:
         self.run = run
         #: The training_iteration of the last report: the count of reports
         #: since the loop started, after the iteration of the checkpoint it
@@ -174,8 +167,8 @@ class _TrainingLoopRun:
         self._original: Optional[Callable[..., Any]] = None
         self._ended = threading.Lock()
         self._done = False
-        #: V1: the attempt's key rank 0 watches for another rank's failure.
-        self._watched = watched
+        #: V1: where rank 0 hears that Ray is about to kill it.
+        self._notices = notices
 
     def begin(self) -> None:
         self._owner = _compat.train_report_owner()
@@ -183,27 +176,19 @@ class _TrainingLoopRun:
         self._owner.report = self._report
         _init_guard.install(self.run.run)
         _compat.train_on_worker_shutdown(self._killed)  # V2
-        if self._watched is not None:  # V1 (no hook): another rank tells us
-            threading.Thread(
-                target=self._watch,
-                args=(self._watched,),
-                name="wandbtune-ranks",
-                daemon=True,
-            ).start()
+        if self._notices is not None:  # V1 (no hook): told through the store
+            self._notices.watch(self._noticed)
 
-    def _watch(self, key: str) -> None:
-        """V1: finish the run when another rank says it failed (Ray kills
-        rank 0 at once after that, with no hook), then tell it so."""
-        while not self._done:
-            failure = _compat.cluster_get(key)
-            if failure is not None:
-                self.end(
-                    failed=True,
-                    error=f"stopped by Ray Train: {failure}",
-                    flush_s=_SHUTDOWN_FLUSH_S,
-                )
-                return
-            time.sleep(_WATCH_INTERVAL_S)
+    def _noticed(self, failed: bool, reason: str) -> None:
+        """V1: Ray is about to kill rank 0 (another rank failed, the trial is
+        stopping, fit() was interrupted): finish the run now."""
+        self.end(
+            failed=failed,
+            error=f"stopped by Ray Train before the training loop returned: {reason}"
+            if failed
+            else None,
+            flush_s=_SHUTDOWN_FLUSH_S,
+        )
 
     def _report(self, *args: Any, **kwargs: Any) -> Any:
         assert self._original is not None
@@ -249,8 +234,8 @@ class _TrainingLoopRun:
             self.run.set_summary(ERROR_KEY, error[:1000])
         self.run.finish(failed=failed)
         flush_wandb(flush_s)  # the worker is killed soon: write it out now
-        if self._watched is not None:  # V1: a failing rank need not wait now
-            _compat.cluster_put(f"{self._watched}:finished", "1")
+        if self._notices is not None:  # V1: nobody need wait for rank 0 now
+            self._notices.finished()
 
 
 #: The checkpoint metadata key holding the training_iteration of the report
@@ -291,26 +276,6 @@ def _restored_iteration(run: TrialRun) -> int:
     if isinstance(marked, int):
         return marked
     return run.logged_by_earlier_attempts or 0
-
-
-def _tell_rank_zero(rank: Optional[int], exc: BaseException) -> None:
-    """Train V1: this rank's loop raised. Ray will kill rank 0 as soon as it
-    hears of it, with no hook: hold the error until rank 0 has finished its
-    run (at most _TELL_WAIT_S), if rank 0 watches for it."""
-    key = _compat.train_attempt_key()
-    if key is None or _compat.cluster_get(f"{key}:watched") is None:
-        return
-    _compat.cluster_put(key, f"rank {rank} failed: {type(exc).__name__}: {exc}"[:900])
-    deadline = time.monotonic() + _TELL_WAIT_S
-    while time.monotonic() < deadline:
-        if _compat.cluster_get(f"{key}:finished") is not None:
-            return
-        time.sleep(_WATCH_INTERVAL_S / 2)
-    logger.warning(
-        "wandbtune: rank 0 did not finish its W&B run within %.0f s of this "
-        "rank's error; Ray Train stops it now.",
-        _TELL_WAIT_S,
-    )
 
 
 def _note_once(what: str, message: str) -> None:
