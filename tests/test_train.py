@@ -222,6 +222,33 @@ def test_a_decorated_training_loop_in_a_decorated_tune_trial_is_one_run(
         assert run.exit_code == 0
 
 
+@pytest.mark.skipif(
+    TRAIN_V2,
+    reason="a Train V2 trainer is not a Tune trainable: Tune over Train V2 is "
+    "the TuneReportCallback test above",
+)
+def test_a_tuner_over_a_trainer_makes_one_run_per_trial(ray_session, tmp_path):
+    # Ray 2.30: Tuner(trainer) makes each trial a training run.
+    loop = wandb_trainable(project="train")(_loop)
+    trainer = DataParallelTrainer(loop, scaling_config=scaling(2))
+    results = tune.Tuner(
+        trainer,
+        param_space={
+            "train_loop_config": {"epochs": 2, "lr": tune.grid_search([0.1, 0.2])}
+        },
+        run_config=TrainRunConfig(name="tuned", storage_path=str(tmp_path / "storage")),
+    ).fit()
+    assert results.errors == []
+    runs = _runs(tmp_path)
+    assert len(runs) == 2, sorted(runs)  # one per trial, none from rank 1
+    by_lr = {attempts[0].config["lr"]: attempts for attempts in runs.values()}
+    assert sorted(by_lr) == [0.1, 0.2]
+    for attempts in by_lr.values():
+        (run,) = attempts
+        assert run.column("loss") == [1.0, 2.0]
+        assert run.exit_code == 0
+
+
 def test_rank_zeros_own_logging_and_checkpoints_reach_the_run(ray_session, tmp_path):
     @wandb_trainable(project="train", upload_checkpoints=True)
     def loop(config):
