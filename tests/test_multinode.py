@@ -3,11 +3,14 @@ with a head that runs no trials and two worker nodes.
 
 The API key given to the decorator reaches the trials on the worker nodes
 (in the pickled trainable, through Ray, not through the experiment's
-storage), and each of them logs a complete run.
+storage), and each of them logs a complete run; the same for the ranks of a
+Ray Train run spread over both nodes.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,7 +18,7 @@ from ray import tune
 
 from tests.conftest import ROOT
 from tests.helpers import run_sweep
-from tests.raycompat import report
+from tests.raycompat import DataParallelTrainer, TrainRunConfig, report, scaling
 from wandbtune import wandb_trainable
 
 KEY = "wbtune0node" + "5" * 29  # 40 characters, like a real key
@@ -76,6 +79,71 @@ def test_trials_on_worker_nodes_get_the_key_and_log_complete_runs(cluster, tmp_p
         assert run.column("has_key") == [True] * 3
         nodes.update(run.column("node"))
     assert head not in nodes and len(nodes) == 2  # one trial on each worker node
+    assert ray.is_initialized()
+
+    leaked = [
+        str(path)
+        for path in tmp_path.rglob("*")
+        if path.is_file() and KEY.encode() in path.read_bytes()
+    ]
+    assert leaked == []
+
+
+def test_a_training_loops_ranks_on_worker_nodes_get_the_key(cluster, tmp_path):
+    import hashlib
+
+    import ray
+
+    from wandbtune.testing import read_runs
+
+    head = cluster.head_node.node_id
+    seen = tmp_path / "seen"
+    seen.mkdir()
+
+    @wandb_trainable(project="nodes", api_key=KEY)
+    def loop(config):
+        import gc
+        import hashlib
+
+        import ray.train
+
+        from wandbtune._settings import Settings
+
+        # The decorated loop's settings, as this rank unpickled them (the key
+        # compared by its hash: this loop is pickled with what it refers to).
+        keys = [
+            hashlib.sha256(o.api_key.encode()).hexdigest()
+            for o in gc.get_objects()
+            if isinstance(o, Settings) and o.api_key
+        ]
+        rank = ray.train.get_context().get_world_rank()
+        node = ray.get_runtime_context().get_node_id()
+        Path(config["seen"], f"rank-{rank}").write_text(
+            json.dumps({"node": node, "has_key": config["key_sha256"] in keys})
+        )
+        for i in range(3):
+            ray.train.report({"i": i})
+
+    DataParallelTrainer(
+        loop,
+        train_loop_config={
+            "seen": str(seen),
+            "key_sha256": hashlib.sha256(KEY.encode()).hexdigest(),
+        },
+        scaling_config=scaling(2),
+        run_config=TrainRunConfig(name="nodes", storage_path=str(tmp_path / "storage")),
+    ).fit()
+
+    ranks = {path.name: json.loads(path.read_text()) for path in seen.iterdir()}
+    assert sorted(ranks) == ["rank-0", "rank-1"]
+    nodes = {rank["node"] for rank in ranks.values()}
+    assert head not in nodes and len(nodes) == 2  # one rank on each worker node
+    for rank in ranks.values():
+        assert rank["has_key"], rank  # the decorator's settings hold it
+    runs = read_runs(tmp_path / "storage")
+    assert len(runs) == 1
+    ((run,),) = runs.values()
+    assert run.column("i") == [0, 1, 2] and run.exit_code == 0
     assert ray.is_initialized()
 
     leaked = [
