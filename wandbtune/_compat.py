@@ -740,24 +740,30 @@ def train_v1_possible() -> bool:
     return not is_v2_enabled()
 
 
-def tune_takes_sigint() -> bool:
-    """True while Tune's interrupt handler is this process's SIGINT handler.
-    ``tune.run`` installs it; on SIGINT it sets Tune's stop flag and puts the
-    previous handler back (``ray.tune.tune._setup_signal_catching``)."""
+def sigint_handler() -> Any:
+    """This process's SIGINT handler now."""
     import signal
 
-    handler = signal.getsignal(signal.SIGINT)
+    return signal.getsignal(signal.SIGINT)
+
+
+def is_tune_sigint_handler(handler: Any) -> bool:
+    """True for the SIGINT handler ``tune.run`` installs: on SIGINT it sets
+    Tune's stop flag and puts back the handler it found (which may be an
+    earlier ``tune.run``'s: Tune leaves its handler in place when a run
+    ends normally). ``ray.tune.tune._setup_signal_catching``."""
     name = getattr(handler, "__qualname__", "")
     return name == "_setup_signal_catching.<locals>.signal_interrupt_tune_run"
 
 
-_stop_hooks: list[Callable[[str], None]] = []
+_stop_hooks: list[Callable[[str, bool], None]] = []
 
 
-def before_function_trial_stops(hook: Callable[[str], None]) -> None:
-    """Run ``hook(trial_id)`` in this process when a function trial is
-    stopped, before Tune frees the trial's resources (once per hook). A V1
-    trainer's trial is one.
+def before_function_trial_stops(hook: Callable[[str, bool], None]) -> None:
+    """Run ``hook(trial_id, ended)`` in this process when a function trial is
+    stopped, before Tune frees the trial's resources (once per hook); ``ended``
+    says the trial's function had already returned or raised (Tune stops a
+    failed trial too). A V1 trainer's trial is one.
 
     Tune's stop of a function trial ends in its session's ``finish``
     (``FunctionTrainable.cleanup``); the session's class is the one place to
@@ -775,9 +781,13 @@ def before_function_trial_stops(hook: Callable[[str], None]) -> None:
     def finish(self: Any, *args: Any, **kwargs: Any) -> Any:
         trial_id = getattr(getattr(self, "trial_info", None), "id", None)
         if self.world_rank is None and isinstance(trial_id, str):
+            thread = getattr(self, "training_thread", None)
+            ended = bool(getattr(self, "training_started", False)) and not (
+                thread is not None and thread.is_alive()
+            )
             for each in list(_stop_hooks):
                 try:
-                    each(trial_id)
+                    each(trial_id, ended)
                 except Exception:  # noqa: BLE001 - never stops Tune's cleanup
                     logger.debug("wandbtune: trial stop hook", exc_info=True)
         return original(self, *args, **kwargs)
@@ -796,14 +806,15 @@ def _cluster_kv() -> Any:
     return internal_kv
 
 
-def cluster_put(key: str, value: str) -> bool:
-    """Put ``value`` under ``key`` in the Ray cluster's key-value store."""
+def cluster_put(key: str, value: str, overwrite: bool = True) -> bool:
+    """Put ``value`` under ``key`` in the Ray cluster's key-value store (with
+    ``overwrite=False``, only if the key has no value yet: atomic)."""
     try:
         kv = _cluster_kv()
         if kv is None:
             return False
         kv._internal_kv_put(
-            key, value.encode(), overwrite=True, namespace=_KEY_NAMESPACE
+            key, value.encode(), overwrite=overwrite, namespace=_KEY_NAMESPACE
         )
         return True
     except Exception:  # noqa: BLE001

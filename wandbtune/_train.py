@@ -230,12 +230,14 @@ class _TrainingLoopRun:
         if self._owner is not None and self._original is not None:
             self._owner.report = self._original
         _init_guard.remove()
-        if error is not None:
-            self.run.set_summary(ERROR_KEY, error[:1000])
-        self.run.finish(failed=failed)
-        flush_wandb(flush_s)  # the worker is killed soon: write it out now
-        if self._notices is not None:  # V1: nobody need wait for rank 0 now
-            self._notices.finished()
+        try:
+            if error is not None:
+                self.run.set_summary(ERROR_KEY, error[:1000])
+            self.run.finish(failed=failed)
+            flush_wandb(flush_s)  # the worker is killed soon: write it out now
+        finally:
+            if self._notices is not None:  # V1: nobody need wait for rank 0 now
+                self._notices.finished()
 
 
 #: The checkpoint metadata key holding the training_iteration of the report

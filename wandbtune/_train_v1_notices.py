@@ -132,7 +132,9 @@ class RankZeroNotices:
         deadline = time.monotonic() + wait_s
         while True:
             interrupts = _compat.cluster_get(self._interrupts_key)
-            if interrupts != self._interrupts_at_start:
+            # None: no count, or the store did not answer: no news. A count
+            # only grows.
+            if interrupts is not None and interrupts != self._interrupts_at_start:
                 return True
             if time.monotonic() >= deadline:
                 return False
@@ -149,8 +151,7 @@ def _tell(key: str, notice: str) -> bool:
     finished; wait for it to be (at most TELL_WAIT_S). False on timeout."""
     if _compat.cluster_get(f"{key}:finished") is not None:
         return True
-    if _compat.cluster_get(key) is None:  # the first notice decides
-        _compat.cluster_put(key, notice[:900])
+    _compat.cluster_put(key, notice[:900], overwrite=False)  # the first decides
     deadline = time.monotonic() + TELL_WAIT_S
     while time.monotonic() < deadline:
         if _compat.cluster_get(f"{key}:finished") is not None:
@@ -173,14 +174,20 @@ def tell_rank_zero_a_rank_failed(rank: Optional[int], exc: BaseException) -> Non
         )
 
 
-def _before_trial_stops(trial_id: str) -> None:
+def _before_trial_stops(trial_id: str, trainer_ended: bool) -> None:
     """In a trainer's trial actor, before Tune's cleanup (which ends with
-    rank 0 killed): have rank 0 finish its run first."""
+    rank 0 killed): have rank 0 finish its run first. The trainer ended
+    before rank 0 finished: it failed (a worker lost, an error of the
+    trainer's own; a loop that raised has told rank 0 itself)."""
     trial_key = _trial_key(trial_id)
     key = _compat.cluster_get(trial_key) if trial_key else None
     if key is None:  # not a Train trial, or rank 0 never listened
         return
-    if not _tell(key, f"{_STOPPED} the trial was stopped before the loop returned"):
+    if trainer_ended:
+        notice = f"{_FAILED} the trainer failed (see Tune's error for the trial)"
+    else:
+        notice = f"{_STOPPED} the trial was stopped before the loop returned"
+    if not _tell(key, notice):
         logger.warning(
             "wandbtune: rank 0 did not finish its W&B run within %.0f s of the "
             "trial's stop; Ray stops it now.",
@@ -190,16 +197,14 @@ def _before_trial_stops(trial_id: str) -> None:
 
 # --- the driver: Tune takes an interrupt ------------------------------------------
 
-#: How long the driver's watch waits for ``tune.run`` after a pickle.
-_FIT_START_WAIT_S = 30.0
-
 _driver_watch = threading.Lock()
 _driver_watcher: Optional[threading.Thread] = None
 
 
 def on_pickled() -> None:
     """Where a decorated loop is pickled: on a V1-capable driver, watch for
-    Tune's interrupt until the ``fit()`` that pickles it returns."""
+    Tune's interrupt until the next ``tune.run`` has returned (a ``Tuner``
+    pickles its trainable when it is made, and may be fit later)."""
     global _driver_watcher
     if _driver_watcher is not None and _driver_watcher.is_alive():
         return
@@ -215,29 +220,42 @@ def on_pickled() -> None:
 
 
 def _watch_for_interrupts() -> None:
-    """Tune's SIGINT handler only sets a flag and puts the previous handler
-    back: when Tune's handler gives way to another, ``fit()`` was
-    interrupted. Count it in the store, where rank 0 looks. Ends when
-    ``tune.run`` has returned (or has not started within 30 s)."""
-    start_by = time.monotonic() + _FIT_START_WAIT_S
-    fit_seen = tune_had_it = False
+    """Tune's SIGINT handler only sets a flag and puts back the handler it
+    found: when the handler changes back to one seen before (or from Tune's
+    to one that is not Tune's), ``fit()`` was interrupted. Count it in the
+    store, where rank 0 looks. A new handler of Tune's is a ``tune.run``
+    starting, not an interrupt. Ends when a ``tune.run`` has returned, or
+    when Ray is shut down."""
+    handler = _compat.sigint_handler()
+    seen = [handler]
+    fit_seen = False
     while True:
         try:
-            tune_has_it = _compat.tune_takes_sigint()
-            if tune_had_it and not tune_has_it:
-                key = _interrupts_key()
-                if key is not None:
-                    count = int(_compat.cluster_get(key) or 0) + 1
-                    _compat.cluster_put(key, str(count))
-            tune_had_it = tune_has_it
+            now = _compat.sigint_handler()
+            if now is not handler:
+                restored = any(now is earlier for earlier in seen)
+                if restored or (
+                    _compat.is_tune_sigint_handler(handler)
+                    and not _compat.is_tune_sigint_handler(now)
+                ):
+                    _count_interrupt()
+                seen.append(now)
+                handler = now
             if _compat.tune_runs_in_main_thread():
                 fit_seen = True
-            elif fit_seen or time.monotonic() > start_by:
+            elif fit_seen or not _compat.is_ray_driver():
                 return
         except Exception:  # noqa: BLE001 - a lost notice, never a failure
             logger.debug("wandbtune: interrupt watch", exc_info=True)
             return
         time.sleep(WATCH_INTERVAL_S / 2)
+
+
+def _count_interrupt() -> None:
+    key = _interrupts_key()
+    if key is not None:
+        count = int(_compat.cluster_get(key) or 0) + 1
+        _compat.cluster_put(key, str(count))
 
 
 def on_unpickled() -> None:
