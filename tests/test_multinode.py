@@ -24,6 +24,14 @@ from wandbtune import wandb_trainable
 KEY = "wbtune0node" + "5" * 29  # 40 characters, like a real key
 
 
+def _files_with_key(root: Path) -> list[str]:
+    return [
+        str(path)
+        for path in root.rglob("*")
+        if path.is_file() and KEY.encode() in path.read_bytes()
+    ]
+
+
 @pytest.fixture(scope="module")
 def cluster() -> Any:
     import os
@@ -81,12 +89,7 @@ def test_trials_on_worker_nodes_get_the_key_and_log_complete_runs(cluster, tmp_p
     assert head not in nodes and len(nodes) == 2  # one trial on each worker node
     assert ray.is_initialized()
 
-    leaked = [
-        str(path)
-        for path in tmp_path.rglob("*")
-        if path.is_file() and KEY.encode() in path.read_bytes()
-    ]
-    assert leaked == []
+    assert _files_with_key(tmp_path) == []
 
 
 def test_a_training_loops_ranks_on_worker_nodes_get_the_key(cluster, tmp_path):
@@ -146,9 +149,4 @@ def test_a_training_loops_ranks_on_worker_nodes_get_the_key(cluster, tmp_path):
     assert run.column("i") == [0, 1, 2] and run.exit_code == 0
     assert ray.is_initialized()
 
-    leaked = [
-        str(path)
-        for path in tmp_path.rglob("*")
-        if path.is_file() and KEY.encode() in path.read_bytes()
-    ]
-    assert leaked == []
+    assert _files_with_key(tmp_path) == []
