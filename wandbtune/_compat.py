@@ -9,6 +9,7 @@ that names the versions, instead of a trial failing deep inside.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -697,18 +698,21 @@ def train_attempt_key() -> Optional[str]:
     """V1 only: a key naming this attempt of the training run, the same in
     each of its workers (the trainer's per-attempt ``run_id``); None on V2,
     which has a worker-shutdown hook instead, and outside Ray Train."""
-    if _train_v2_context() is not None:
-        return None
-    info = getattr(get_session(), "trial_info", None)
-    attempt = getattr(info, "run_id", None)
+    attempt = getattr(_train_v1_trial_info(), "run_id", None)
     return f"train-attempt-{attempt}" if attempt else None
 
 
 def train_trial_id() -> Optional[str]:
     """V1 worker: the id of the Tune trial the trainer runs as."""
-    info = getattr(get_session(), "trial_info", None)
-    trial = getattr(info, "id", None)
+    trial = getattr(_train_v1_trial_info(), "id", None)
     return str(trial) if trial else None
+
+
+def _train_v1_trial_info() -> Any:
+    """A V1 worker's ``TrialInfo`` (the trainer's trial); None elsewhere."""
+    if _train_v2_context() is not None:
+        return None
+    return getattr(get_session(), "trial_info", None)
 
 
 def ray_job_id() -> Optional[str]:
@@ -732,12 +736,20 @@ def is_ray_driver() -> bool:
 
 def train_v1_possible() -> bool:
     """True where Ray Train runs as V1 (Ray 2.30; current Ray with
-    ``RAY_TRAIN_V2_ENABLED=0``)."""
+    ``RAY_TRAIN_V2_ENABLED=0``). Asked at every pickle of the settings."""
+    is_v2_enabled = _train_v2_switch()
+    return is_v2_enabled is None or not is_v2_enabled()
+
+
+@functools.cache
+def _train_v2_switch() -> Optional[Callable[[], bool]]:
+    """Ray's ``is_v2_enabled``, or None on a Ray without Train V2 (imported
+    once: a failed import searches ``sys.path`` again each time)."""
     try:
         from ray.train.v2._internal.constants import is_v2_enabled
     except ImportError:
-        return True
-    return not is_v2_enabled()
+        return None
+    return is_v2_enabled  # type: ignore[no-any-return]
 
 
 def sigint_handler() -> Any:

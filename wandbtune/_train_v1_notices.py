@@ -12,9 +12,9 @@ before its run starts until it has finished it:
   until rank 0 says it has finished (at most ``TELL_WAIT_S``);
 - **the trial was stopped** (``fit()`` interrupted, a Tune scheduler or
   stopper, a PBT pause): Tune stops the trainer's trial actor and then removes
-  the placement group, which kills rank 0. The trial actor's
-  ``Trainable.cleanup`` waits until rank 0 has finished (at most
-  ``TELL_WAIT_S``) before Tune's own cleanup runs;
+  the placement group, which kills rank 0. In the trial actor, the trial
+  session's ``finish`` (which Tune's stop reaches) waits until rank 0 has
+  finished (at most ``TELL_WAIT_S``) before Tune's own cleanup goes on;
 - **``fit()`` was interrupted** (Ctrl-C on the driver): a thread on the driver
   sees Tune take the interrupt and writes it at once. Tune asks the trainer
   to stop only after its last experiment checkpoint, and kills it 10 s after
@@ -23,7 +23,8 @@ before its run starts until it has finished it:
 
 The first notice decides how the run ends: a failure or an interrupt as
 failed (exit code 1, the reason in ``train/error``), a stop as finished
-(exit code 0, as for a Tune trial a scheduler stops).
+(exit code 0, as for a Tune trial a scheduler stops; 1 when the trainer had
+already failed).
 
 Our code runs on the driver and in the trial actor only where the decorated
 training loop is pickled (the driver, at ``fit()``) and unpickled (the trial
