@@ -496,6 +496,7 @@ class _Faults:
     latency_s: float = 0.0
     reject_all: bool = False
     silent: bool = False
+    silent_path: Optional[re.Pattern[str]] = None  # None: every path
     rules: list[_Rule] = field(default_factory=list)
 
 
@@ -575,11 +576,13 @@ class FaultProxy:
         with self._lock:
             self._faults.reject_all = True
 
-    def stop_answering(self) -> None:
-        """From now on accept and read requests, and never answer them."""
+    def stop_answering(self, path: Optional[str] = None) -> None:
+        """From now on accept and read requests (whose path matches the regex
+        ``path``, if given), and never answer them."""
         with self._lock:
             self._release.clear()
             self._faults.silent = True
+            self._faults.silent_path = re.compile(path) if path else None
 
     def reset(self) -> None:
         """No faults; requests left unanswered get their connection closed."""
@@ -657,7 +660,9 @@ class FaultProxy:
                     (False),
                     faults.latency_s,
                 )
-            if faults.silent:
+            if faults.silent and (
+                faults.silent_path is None or faults.silent_path.search(path)
+            ):
                 return None, True, faults.latency_s
             for rule in faults.rules:
                 if rule.path is not None and not rule.path.search(path):

@@ -521,6 +521,203 @@ def wandb_open_runs() -> Optional[int]:
     return len(runs) if isinstance(runs, list) else None
 
 
+# --- One W&B service per node (see _node_service) ---------------------------------
+#
+# W&B's service can serve several processes (``WANDB_SERVICE`` holds its
+# address). A trial hands its run over to its node's service and exits; the
+# node's actor then finishes the run on its own connection: attach to the
+# run's stream, send the exit, wait for it (uploads done, or W&B's
+# ``finish_timeout``), and tell the service the stream is done (which writes
+# its file). Only wandb whose service API has these shapes (0.31 is the one
+# tested; 0.19 differs) is used this way; elsewhere each trial process runs
+# its own service as before.
+
+
+@functools.cache
+def wandb_can_hand_over() -> bool:
+    """True if this wandb's service API is the one the hand-over uses."""
+    try:
+        import inspect
+
+        from wandb.sdk.interface.interface import InterfaceBase
+        from wandb.sdk.lib.service.service_connection import ServiceConnection
+        from wandb.sdk.wandb_run import Run
+
+        needed = (
+            ServiceConnection.inform_attach,
+            ServiceConnection.inform_finish,
+            InterfaceBase.deliver_exit,
+            InterfaceBase.deliver_get_summary,
+            Run._console_stop,
+        )
+        annotation = str(
+            inspect.signature(ServiceConnection.inform_attach).return_annotation
+        )
+        return all(callable(each) for each in needed) and "tuple" in annotation
+    except Exception:  # noqa: BLE001 - another wandb: the per-process service
+        return False
+
+
+def wandb_service_connected() -> bool:
+    """True once this process's W&B is connected to a service."""
+    return getattr(_wandb_setup(), "_connection", None) is not None
+
+
+def wandb_start_service_here() -> str:
+    """Start a W&B service owned by this process; its ``WANDB_SERVICE`` token,
+    for other processes on this machine to connect with."""
+    import wandb
+    from wandb.sdk import wandb_setup
+
+    os.environ.pop("WANDB_SERVICE", None)  # an inherited one is not ours
+    setup = wandb_setup._setup(settings=wandb.Settings(silent=True, quiet=True))
+    setup.ensure_service()
+    token = os.environ.get("WANDB_SERVICE")
+    if not token:
+        raise RuntimeError("W&B's service did not publish its address")
+    return token
+
+
+def wandb_stop_service_here() -> None:
+    """Shut down the W&B service this process started (its runs are all
+    finished: it exits at once)."""
+    import wandb
+
+    wandb.teardown()
+
+
+def wandb_hand_over(run: Any, timeout: float) -> bool:
+    """Let go of ``run`` in this process without finishing it, so another
+    client of the same service can (``wandb_finish_handed_over``); True if
+    done. First one round trip on this process's connection: every row sent
+    before is then in the run's stream, where an exit sent on another
+    connection cannot overtake it. Then what ``Run.finish`` does locally,
+    without its exit and its "finish" to the service."""
+    import wandb
+    from wandb.sdk.lib import module
+
+    interface = getattr(run, "_interface", None)
+    if interface is None or getattr(run, "_is_finished", True):
+        return False
+    checker = getattr(run, "_run_status_checker", None)
+    if checker is not None:
+        checker.stop()
+    interface.deliver_get_summary().wait_or(timeout=timeout)
+    hooks = list(getattr(run, "_teardown_hooks", []))
+    for hook in hooks:
+        if getattr(hook.stage, "name", "") == "EARLY":
+            hook.call()
+    run._is_finished = True
+    run._wl.remove_active_run(run)
+    run._console_stop()
+    for hook in hooks:
+        if getattr(hook.stage, "name", "") == "LATE":
+            hook.call()
+    run._teardown_hooks = []
+    if wandb.run is run:
+        module.unset_globals()  # type: ignore[no-untyped-call]
+    return True
+
+
+def wandb_send_exit(run_id: str, exit_code: int) -> Any:
+    """Send the exit of a run another process handed over to this process's
+    service (uploads then finish); the handle to wait on or cancel."""
+    from wandb.sdk import wandb_setup
+
+    connection = wandb_setup.singleton().assert_service()
+    _settings, interface = connection.inform_attach(attach_id=run_id)
+    return interface.deliver_exit(exit_code)
+
+
+def wandb_wait_exit(handle: Any, timeout: float) -> bool:
+    """Wait until the service has answered an exit (its uploads are done, or
+    W&B's ``finish_timeout`` stopped them); False if not within ``timeout`` or
+    cancelled (then the uploads are stopped)."""
+    from wandb.sdk.mailbox import HandleAbandonedError
+
+    try:
+        handle.wait_or(timeout=timeout)
+    except (TimeoutError, HandleAbandonedError):
+        return False
+    return True
+
+
+def wandb_cancel_exit(handle: Any) -> None:
+    """Stop waiting for an exit's uploads: the service stops them."""
+    handle.cancel()
+
+
+def wandb_end_stream(run_id: str) -> None:
+    """Tell this process's service a handed-over run is done: it writes the
+    rest of the run's file and forgets the run."""
+    from wandb.sdk import wandb_setup
+
+    wandb_setup.singleton().assert_service().inform_finish(run_id=run_id)
+
+
+def in_ray_worker() -> bool:
+    """True in a Ray worker process (a task or actor), not in a driver."""
+    import ray._private.worker as ray_worker
+
+    return (
+        ray.is_initialized() and ray_worker.global_worker.mode == ray_worker.WORKER_MODE
+    )
+
+
+def named_actors(namespace: str) -> list[str]:
+    """The names of the live named actors in ``namespace``."""
+    from ray.util import list_named_actors
+
+    return [
+        each["name"]
+        for each in list_named_actors(all_namespaces=True)
+        if each.get("namespace") == namespace
+    ]
+
+
+def around_tune_experiment(
+    start: Callable[[Any], bool], end: Callable[[], None]
+) -> None:
+    """Call ``start(trainable_class)`` when Tune's controller schedules its
+    experiment's first trial actor (on the driver, Ray running), and, if it
+    returned True, ``end()`` when the controller has stopped the experiment's
+    trials, before its callbacks' ``on_experiment_end`` (at the end of every
+    ``tune.run``/``Tuner.fit``, interrupted or failed too). Installed once
+    per process; neither may raise into Tune."""
+    from ray.tune.execution.tune_controller import TuneController
+
+    if getattr(TuneController._schedule_trial_actor, "_wandbtune", False):
+        return
+    original_schedule = TuneController._schedule_trial_actor
+    original_cleanup = TuneController._cleanup_trials
+
+    @functools.wraps(original_schedule)
+    def _schedule_trial_actor(self: Any, trial: Any, *args: Any, **kwargs: Any) -> Any:
+        if not getattr(self, "_wandbtune_seen", False):
+            self._wandbtune_seen = True
+            try:
+                self._wandbtune_started = start(trial.get_trainable_cls())
+            except Exception:  # noqa: BLE001 - never stops Tune
+                logger.debug("wandbtune: experiment start hook", exc_info=True)
+        return original_schedule(self, trial, *args, **kwargs)
+
+    @functools.wraps(original_cleanup)
+    def _cleanup_trials(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return original_cleanup(self, *args, **kwargs)  # type: ignore[no-untyped-call]
+        finally:
+            if getattr(self, "_wandbtune_started", False):
+                self._wandbtune_started = False
+                try:
+                    end()
+                except Exception:  # noqa: BLE001 - never stops Tune
+                    logger.debug("wandbtune: experiment end hook", exc_info=True)
+
+    _schedule_trial_actor._wandbtune = True  # type: ignore[attr-defined]
+    TuneController._schedule_trial_actor = _schedule_trial_actor  # type: ignore[method-assign]
+    TuneController._cleanup_trials = _cleanup_trials  # type: ignore[method-assign]
+
+
 # --- Ray Train workers (train_loop_per_worker) -----------------------------------
 #
 # Train V2 (current Ray) keeps a worker's context in

@@ -77,7 +77,7 @@ class _Trial:
             import wandb  # noqa: F401 - imported here, off the trial's threads
 
             self.gate.install()
-            self.run = start_or_warn(self.settings, **self.trial)
+            self.run = start_or_warn(self.settings, node_service=True, **self.trial)
             if self.run is not None:
                 _init_guard.install(self.run.run, owner=threading.current_thread())
         except BaseException as exc:  # noqa: BLE001 - raised in the trial's thread

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from wandbtune import _compat
+from wandbtune import _compat, _node_service
 from wandbtune._artifacts import log_checkpoint
 from wandbtune._row import TRAINING_ITERATION, clean, is_excluded, to_row
 from wandbtune._settings import CONFIG_KEY, GROUP_ENV_VAR, ConfigError, Settings
@@ -75,13 +75,16 @@ def start_run(
     *,
     exclusive: bool = True,
     require_project: bool = True,
+    node_service: bool = False,
     **trial: Any,
 ) -> Any:
     """``wandb.init`` for one trial; raises ConfigError on bad settings.
 
     ``exclusive``: the run is the process's only one (a trial actor), so a run
     left open there is finished first. The callback holds one run per running
-    trial in the driver instead, side by side.
+    trial in the driver instead, side by side. ``node_service``: the run goes
+    to the node's W&B service if there is one (``_node_service``), else to
+    one of this process's own.
     """
     import wandb
 
@@ -94,8 +97,13 @@ def start_run(
     )
     if key:
         _compat.wandb_use_key(key)
+    node = None
     if not exclusive:
         kwargs["reinit"] = "create_new"
+    elif node_service:
+        node = _node_service.connect()
+        if kwargs.get("id"):
+            _node_service.release(str(kwargs["id"]))
     else:
         _compat.wandb_own_service()
     if exclusive and wandb.run is not None:
@@ -106,9 +114,12 @@ def start_run(
         kwargs.get("dir") or settings.env("WANDB_DIR"), kwargs.get("id")
     )
     try:
-        return wandb.init(**kwargs)
+        run = wandb.init(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"wandb.init rejected the arguments: {exc}") from exc
+    if node is not None:
+        _node_service.register(node, str(run.id))
+    return run
 
 
 #: How long a trial waits for W&B to start its run before training on without
@@ -218,10 +229,18 @@ class TrialRun:
     """A started W&B run and what wandbtune needs to feed and finish it."""
 
     def __init__(
-        self, run: Any, settings: Settings, *, exploit: Exploit | None = None
+        self,
+        run: Any,
+        settings: Settings,
+        *,
+        exploit: Exploit | None = None,
+        node: Any = None,
     ) -> None:
         self.run = run
         self.settings = settings
+        #: The node's actor the run is handed over to at its end (None: it is
+        #: finished in this process).
+        self.node = node
         self.failed = False
         self._checkpoints: set[str] = set()
         self._sent_config: dict[str, Any] = {}
@@ -255,9 +274,12 @@ class TrialRun:
         *,
         exploit: Exploit | None = None,
         restored_iteration: Any = None,
+        node_service: bool = False,
         **trial: Any,
     ) -> TrialRun:
-        run = cls(start_run(settings, **trial), settings, exploit=exploit)
+        started = start_run(settings, node_service=node_service, **trial)
+        node = _node_service.current() if node_service else None
+        run = cls(started, settings, exploit=exploit, node=node)
         if exploit is None and isinstance(restored_iteration, int):
             run.fill_in(trial.get("dir"), restored_iteration)
         return run
@@ -454,12 +476,28 @@ class TrialRun:
             return
         self._finished = True
         _remember_lineage(self)
+        exit_code = 1 if (failed or self.failed) else 0
+        if self.node is not None and self._hand_over(exit_code):
+            return  # the node's W&B service finishes it; nothing to flush here
         try:
-            self.run.finish(exit_code=1 if (failed or self.failed) else 0)
+            self.run.finish(exit_code=exit_code)
         except Exception as exc:  # noqa: BLE001
             self._warn_once("finish", f"could not finish the W&B run: {exc!r}")
         if flush:
             flush_wandb()
+
+    def _hand_over(self, exit_code: int) -> bool:
+        """Hand the run to the node's W&B service, which finishes it while
+        the trial goes on or exits; False if it must be finished here."""
+        try:
+            return _node_service.hand_over(self.node, self.run, exit_code)
+        except Exception as exc:  # noqa: BLE001
+            if not getattr(self.run, "_is_finished", False):
+                return False  # still ours: finished here
+            # Let go of already: the node's actor finishes it (as failed)
+            # when this process is gone.
+            self._warn_once("finish", f"the W&B run was not handed over: {exc!r}")
+            return True
 
     def _warn_once(self, what: str, message: str) -> None:
         if what not in self._warned:

@@ -97,11 +97,13 @@ class Settings:
     def __getstate__(self) -> dict[str, Any]:
         # Settings are pickled with the decorated trainable: on the driver,
         # where the code that warns a Train V1 rank 0 of an interrupt starts.
-        from wandbtune import _train_v1_notices
+        from wandbtune import _node_service, _train_v1_notices
 
         _train_v1_notices.on_pickled()
         state = dict(self.__dict__)
         if self.ship_environ:
+            # ... and where the experiment gets one W&B service per node.
+            _node_service.on_pickled()
             state["environ"] = {**_shipped_environ(), **self.environ}
         if self.api_key:
             # The key travels through the Ray cluster's own store, not in the

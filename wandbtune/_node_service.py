@@ -1,0 +1,390 @@
+"""One W&B service per node that outlives the trials: a trial's end never
+waits for W&B's uploads.
+
+Each node gets one Ray actor (``NodeService``) that owns a W&B service
+process. Trial processes of the decorator connect to it (``WANDB_SERVICE``)
+instead of starting their own; at a trial's end the trial hands its run over
+(``hand_over``: one round trip, then it lets go) and the node's actor
+finishes it in the background: uploads done, or on disk for ``wandb sync``.
+
+- **Who starts them.** The driver, when Tune's controller schedules the
+  first trial of an experiment whose trainable is decorated (the hook is
+  installed where the decorator's settings are pickled, on the driver): one
+  actor per alive node, owned by the driver (they die with it: nothing is
+  left running if the driver is killed).
+- **The end of the experiment.** Tune's cleanup of its trials, on the driver,
+  waits until every handed-over run is finished (``drain``), then stops the
+  actors: ``fit()`` returns with every run uploaded or on disk.
+- **A killed trial.** Its process is gone, its run still open in the
+  service: the actor watches the processes of its open runs and finishes a
+  dead one's run as failed (exit code 1). A retried attempt first asks every
+  node's actor to let go of its run id (``release``): the service would
+  refuse a second stream under the same id, and the earlier attempt's end
+  must reach W&B before the new attempt resumes the run.
+- **Where it is not used** (each trial process runs its own W&B service, as
+  before): a wandb whose service API differs (``_compat.wandb_can_hand_over``),
+  a node that joined after the experiment started, an actor that did not
+  answer in time, Ray Train workers and the driver-side callback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any, Optional
+
+from wandbtune import _compat
+
+logger = logging.getLogger("wandbtune")
+
+__all__ = [
+    "NAMESPACE",
+    "connect",
+    "current",
+    "drain_all",
+    "hand_over",
+    "on_pickled",
+    "release",
+    "start_all",
+]
+
+#: The Ray namespace of the node actors (named per job and node).
+NAMESPACE = "wandbtune"
+#: How long a trial waits for its node's actor to give the service's address
+#: (it starts with the experiment; a trial that waits longer starts its own).
+CONNECT_TIMEOUT_S = 20.0
+#: How long finishing one run may wait for its uploads (then W&B's
+#: ``finish_timeout`` has stopped them and the rest is on disk).
+FINISH_WAIT_S = 130.0
+#: How long the end of an experiment waits for W&B to finish uploading the
+#: runs (as ``_run.TEARDOWN_TIMEOUT_S`` for a trial's own service); then the
+#: uploads are stopped and what is left is written to disk.
+DRAIN_WAIT_S = 30.0
+#: How long a stopped upload takes to be written to disk.
+CANCEL_WAIT_S = 5.0
+#: How long the end of an experiment waits for trial processes that Tune
+#: could not stop to die (it kills them).
+DEAD_GRACE_S = 5.0
+#: How long a retried trial waits for its earlier attempt's run to end.
+RELEASE_WAIT_S = 30.0
+#: How long the service takes to shut down once its runs are finished.
+STOP_WAIT_S = 10.0
+#: How often the actor looks for dead trial processes.
+WATCH_INTERVAL_S = 1.0
+
+
+def _name(job_id: str, node_id: str) -> str:
+    return f"wandb-service-{job_id}-{node_id}"
+
+
+class NodeService:
+    """The node's actor: owns the W&B service, finishes handed-over runs."""
+
+    def __init__(self) -> None:
+        self._token = _compat.wandb_start_service_here()
+        self._lock = threading.Lock()
+        #: open runs: run id -> pid of the trial process logging to it
+        self._open: dict[str, int] = {}
+        #: runs being finished, set when done
+        self._finishing: dict[str, threading.Event] = {}
+        #: exits sent, not answered yet (cancelled at the drain's deadline)
+        self._exits: dict[str, Any] = {}
+        #: runs whose exit was not answered: cut short, on disk
+        self._late: list[str] = []
+        threading.Thread(
+            target=self._watch, name="wandbtune-node-watch", daemon=True
+        ).start()
+
+    def token(self) -> str:
+        return self._token
+
+    def register(self, run_id: str, pid: int) -> None:
+        with self._lock:
+            self._open[run_id] = pid
+
+    def finish(self, run_id: str, exit_code: int) -> None:
+        """Finish a handed-over run in the background; returns at once."""
+        self._start_finishing(run_id, exit_code)
+
+    def release(self, run_id: str, timeout: float) -> bool:
+        """Before another attempt of ``run_id`` starts: end what an earlier
+        attempt left open here (failed), and wait until its run is finished;
+        True if nothing of it is left."""
+        with self._lock:
+            pid = self._open.get(run_id)
+        if pid is not None:
+            self._start_finishing(run_id, 1)
+        with self._lock:
+            done = self._finishing.get(run_id)
+        return done is None or done.wait(timeout)
+
+    def drain(self, timeout: float) -> list[str]:
+        """At the end of the experiment: finish every run (those of trial
+        processes still alive after Tune's cleanup as failed) and wait for
+        them; past ``timeout`` stop their uploads, so that what is left is
+        written to disk. The ids of runs not uploaded completely."""
+        deadline = time.monotonic() + timeout
+        grace = time.monotonic() + DEAD_GRACE_S  # Tune kills what it cannot stop
+        while time.monotonic() < grace:
+            with self._lock:
+                alive = [r for r, pid in self._open.items() if _alive(pid)]
+            if not alive:
+                break
+            time.sleep(0.2)
+        with self._lock:
+            left = list(self._open)
+        for run_id in left:
+            self._start_finishing(run_id, 1)
+        with self._lock:
+            pending = dict(self._finishing)
+        for done in pending.values():
+            done.wait(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            exits = list(self._exits.values())  # not answered yet
+        for handle in exits:
+            _compat.wandb_cancel_exit(handle)
+        for done in pending.values():
+            done.wait(CANCEL_WAIT_S)
+        with self._lock:
+            late, self._late = self._late, []
+        return late
+
+    def stop(self) -> None:
+        """Shut the W&B service down (every run is finished by now)."""
+        _compat.wandb_stop_service_here()
+
+    def _start_finishing(self, run_id: str, exit_code: int) -> None:
+        with self._lock:
+            if self._open.pop(run_id, None) is None and run_id in self._finishing:
+                return
+            if run_id in self._finishing and not self._finishing[run_id].is_set():
+                return
+            done = self._finishing[run_id] = threading.Event()
+        threading.Thread(
+            target=self._finish,
+            args=(run_id, exit_code, done),
+            name=f"wandbtune-finish-{run_id}",
+            daemon=True,
+        ).start()
+
+    def _finish(self, run_id: str, exit_code: int, done: threading.Event) -> None:
+        answered = False
+        try:
+            handle = _compat.wandb_send_exit(run_id, exit_code)
+            with self._lock:
+                self._exits[run_id] = handle
+            answered = _compat.wandb_wait_exit(handle, FINISH_WAIT_S)
+        except Exception as exc:  # noqa: BLE001 - one run's trouble, not all
+            logger.warning("wandbtune: W&B run %s was not finished: %r", run_id, exc)
+        finally:
+            try:
+                _compat.wandb_end_stream(run_id)
+            except Exception as exc:  # noqa: BLE001
+                logger.warning("wandbtune: W&B run %s was not closed: %r", run_id, exc)
+            with self._lock:
+                self._exits.pop(run_id, None)
+                if not answered:
+                    self._late.append(run_id)
+            done.set()
+
+    def _watch(self) -> None:
+        """Finish the runs of trial processes that died without handing over."""
+        while True:
+            time.sleep(WATCH_INTERVAL_S)
+            with self._lock:
+                dead = [r for r, pid in self._open.items() if not _alive(pid)]
+            for run_id in dead:
+                self._start_finishing(run_id, 1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+# --- on the driver -----------------------------------------------------------------
+
+_started: list[Any] = []
+_users = 0
+_driver_lock = threading.Lock()
+
+
+def on_pickled() -> None:
+    """A decorated trainable's settings are pickled (on the driver, when the
+    experiment is set up): its experiment gets a W&B service per node."""
+    if not _compat.wandb_can_hand_over() or _compat.in_ray_worker():
+        return
+    _compat.around_tune_experiment(start_all, drain_all)
+
+
+def start_all(trainable: Any) -> bool:
+    """When an experiment of a decorated trainable starts its first trial:
+    start a node actor on every alive node; True if it did. Actors of an
+    experiment running beside this one in the driver are shared."""
+    global _users
+    if getattr(trainable, "_wandbtune_settings", None) is None:
+        return False
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    job = _compat.ray_job_id()
+    if job is None:
+        return False
+    actor_class = ray.remote(num_cpus=0, max_concurrency=64)(  # type: ignore[call-overload]
+        NodeService
+    )
+    with _driver_lock:
+        _users += 1
+        if _started:
+            return True
+        for node in ray.nodes():  # type: ignore[no-untyped-call]
+            if not node.get("Alive"):
+                continue
+            node_id = node["NodeID"]
+            try:
+                handle = actor_class.options(  # type: ignore[attr-defined]
+                    name=_name(job, node_id),
+                    namespace=NAMESPACE,
+                    get_if_exists=True,
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(
+                        node_id, soft=False
+                    ),
+                ).remote()
+            except Exception as exc:  # noqa: BLE001 - trials start their own
+                logger.debug("wandbtune: no W&B service on node %s: %r", node_id, exc)
+                continue
+            _started.append(handle)
+    return True
+
+
+def drain_all() -> None:
+    """At the end of an experiment (Tune's cleanup of its trials): wait until
+    every run handed over to a node's W&B service is finished, then stop the
+    actors."""
+    global _users
+    import ray
+
+    with _driver_lock:
+        _users = max(0, _users - 1)
+        handles = list(_started)
+        last = _users == 0
+    if not handles:
+        return
+    late: list[str] = []
+    try:
+        for answer in ray.get(
+            [h.drain.remote(DRAIN_WAIT_S) for h in handles],
+            timeout=DRAIN_WAIT_S + DEAD_GRACE_S + CANCEL_WAIT_S + 10.0,
+        ):
+            late += answer
+    except Exception as exc:  # noqa: BLE001 - reported below, never raised
+        late.append(repr(exc))
+    if late:
+        logger.warning(
+            "wandbtune: W&B did not finish uploading %d run(s) in time (%s); "
+            "what they hold is on disk for `wandb sync`.",
+            len(late),
+            ", ".join(late[:10]),
+        )
+    if last:
+        with _driver_lock:
+            try:
+                ray.get([h.stop.remote() for h in _started], timeout=STOP_WAIT_S)
+            except Exception:  # noqa: BLE001 - killed below all the same
+                logger.debug("wandbtune: node W&B service stop", exc_info=True)
+            for handle in _started:
+                try:
+                    ray.kill(handle)
+                except Exception:  # noqa: BLE001
+                    pass
+            _started.clear()
+
+
+# --- in a trial process --------------------------------------------------------------
+
+#: The node's actor this process's W&B is connected to (None: its own service).
+_node: Optional[Any] = None
+
+
+def connect() -> Optional[Any]:
+    """Before a trial's ``wandb.init``: point this process's W&B at its node's
+    service, unless W&B is connected already; the node's actor, or None when
+    W&B runs its own service in this process."""
+    global _node
+    if _compat.wandb_service_connected():
+        return _node
+    _node = None
+    # A token inherited from the driver (its own W&B run) is not the node's:
+    # a killed trial's run would stay open in the driver's service.
+    os.environ.pop("WANDB_SERVICE", None)
+    if not _compat.wandb_can_hand_over():
+        return None
+    try:
+        import ray
+
+        job = _compat.ray_job_id()
+        if job is None:
+            return None
+        node_id = ray.get_runtime_context().get_node_id()
+        handle = ray.get_actor(_name(job, node_id), namespace=NAMESPACE)
+        token = ray.get(handle.token.remote(), timeout=CONNECT_TIMEOUT_S)
+    except Exception as exc:  # noqa: BLE001 - no node service: our own
+        logger.debug("wandbtune: no node W&B service: %r", exc)
+        return None
+    os.environ["WANDB_SERVICE"] = token
+    _node = handle
+    return handle
+
+
+def current() -> Optional[Any]:
+    """The node's actor this process's W&B is connected to, if any."""
+    return _node if _compat.wandb_service_connected() else None
+
+
+def release(run_id: str) -> None:
+    """Before an attempt of ``run_id`` starts: have every node's actor end
+    what an earlier attempt left open (bounded)."""
+    try:
+        import ray
+
+        job = _compat.ray_job_id()
+        if job is None:
+            return
+        prefix = _name(job, "")
+        handles = [
+            ray.get_actor(name, namespace=NAMESPACE)
+            for name in _compat.named_actors(NAMESPACE)
+            if name.startswith(prefix)
+        ]
+        if handles:
+            ray.get(
+                [h.release.remote(run_id, RELEASE_WAIT_S) for h in handles],
+                timeout=RELEASE_WAIT_S + 5.0,
+            )
+    except Exception as exc:  # noqa: BLE001 - the start goes on
+        logger.debug("wandbtune: earlier attempt not released: %r", exc)
+
+
+def register(node: Any, run_id: str) -> None:
+    """Tell the node's actor this process logs to ``run_id``."""
+    import ray
+
+    ray.get(node.register.remote(run_id, os.getpid()), timeout=CONNECT_TIMEOUT_S)
+
+
+def hand_over(node: Any, run: Any, exit_code: int) -> bool:
+    """At a trial's end: hand ``run`` to the node's actor, which finishes it;
+    True if it took it (else finish it here)."""
+    import ray
+
+    if not _compat.wandb_hand_over(run, timeout=CONNECT_TIMEOUT_S):
+        return False
+    ray.get(node.finish.remote(str(run.id), exit_code), timeout=CONNECT_TIMEOUT_S)
+    return True
