@@ -72,6 +72,13 @@ def check_versions(ray_version: str, wandb_version: Optional[str]) -> None:
         )
 
 
+def wandb_at_least(version: tuple[int, ...]) -> bool:
+    """True if the installed wandb is ``version`` or newer (without importing
+    it)."""
+    installed = _installed_wandb()
+    return installed is not None and _release(installed) >= version
+
+
 def _installed_wandb() -> Optional[str]:
     try:
         return metadata.version("wandb")  # without importing wandb (~0.3 s)

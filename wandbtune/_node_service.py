@@ -50,6 +50,10 @@ __all__ = [
     "start_all",
 ]
 
+#: wandb 0.19's service API cannot take runs over (see
+#: ``_compat.wandb_can_hand_over``, which the node's actor asks): no actor is
+#: started for it.
+HAND_OVER_MIN = (0, 20)
 #: The Ray namespace of the node actors (named per job and node).
 NAMESPACE = "wandbtune"
 #: How long a trial waits for its node's actor to give the service's address
@@ -83,7 +87,10 @@ class NodeService:
     """The node's actor: owns the W&B service, finishes handed-over runs."""
 
     def __init__(self) -> None:
-        self._token = _compat.wandb_start_service_here()
+        #: the service's address; "" where this wandb cannot take runs over
+        self._token = (
+            _compat.wandb_start_service_here() if _compat.wandb_can_hand_over() else ""
+        )
         self._lock = threading.Lock()
         #: open runs: run id -> pid of the trial process logging to it
         self._open: dict[str, int] = {}
@@ -219,7 +226,9 @@ _driver_lock = threading.Lock()
 def on_pickled() -> None:
     """A decorated trainable's settings are pickled (on the driver, when the
     experiment is set up): its experiment gets a W&B service per node."""
-    if not _compat.wandb_can_hand_over() or _compat.in_ray_worker():
+    # Not wandb_can_hand_over() here: it imports wandb (≈ 1 s) in the driver,
+    # which has no other use for it; the node's actor checks.
+    if _compat.in_ray_worker() or not _compat.wandb_at_least(HAND_OVER_MIN):
         return
     _compat.around_tune_experiment(start_all, drain_all)
 
@@ -337,6 +346,8 @@ def connect() -> Optional[Any]:
         token = ray.get(handle.token.remote(), timeout=CONNECT_TIMEOUT_S)
     except Exception as exc:  # noqa: BLE001 - no node service: our own
         logger.debug("wandbtune: no node W&B service: %r", exc)
+        return None
+    if not token:
         return None
     os.environ["WANDB_SERVICE"] = token
     _node = handle
