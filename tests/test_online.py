@@ -281,24 +281,43 @@ def fails_once_at_four(config):
             report({"score": i * 10}, checkpoint=Checkpoint.from_directory(path))
 
 
+plain_fails_once_at_four = fails_once_at_four.__wrapped__
+
+
+@pytest.mark.parametrize("logged_by", ["decorator", "callback"])
 def test_a_retried_trial_continues_its_server_run_without_repeating_a_row(
-    online, proxy, tmp_path
+    online, proxy, tmp_path, logged_by
 ):
     # The retry resumes the run (same id): W&B's client reports run.resumed
     # and restores the summary, from which wandbtune knows the iterations
     # already logged. (openwandb needs the resume fix in tests/wandb_server.py
-    # for that; without it iteration 3 is on the server twice.)
+    # for that; without it iteration 3 is on the server twice.) The decorator
+    # hands the failed attempt's run to its node's W&B service: the retry
+    # starts the run again only once the failed attempt's end has reached the
+    # server.
+    project = f"online-retry-{logged_by}"
+    if logged_by == "decorator":
+        trainable, callbacks = fails_once_at_four, []
+    else:
+        trainable = plain_fails_once_at_four
+        callbacks = [
+            WandbLoggerCallback(project=project, experiment_run=False, **with_key())
+        ]
     (result,) = fit(
-        fails_once_at_four,
+        trainable,
         tmp_path,
-        {"marker": str(tmp_path / "failed-once")},
+        {
+            "marker": str(tmp_path / "failed-once"),
+            "wandb": {"project": project},
+        },
         failure_config=FailureConfig(max_failures=1),
+        callbacks=callbacks,
     )
     assert result.error is None
     assert tune_iterations(result) == [1, 2, 3, 3, 4, 5, 6]  # Tune got 3 twice
 
     run_id = trial_id(result)
-    assert list(online.store.runs("online-retry")) == [run_id]  # one run
+    assert list(online.store.runs(project)) == [run_id]  # one run
     rows = online.store.rows(run_id)
     assert len(rows) == 6, rows
     assert [(r["_step"], r["training_iteration"], r["score"]) for r in rows] == [
@@ -308,13 +327,16 @@ def test_a_retried_trial_continues_its_server_run_without_repeating_a_row(
     assert run is not None and run.state == "finished"
     assert run.config["marker"] == str(tmp_path / "failed-once")
     assert run.config["trial_id"] == run_id
-    # Each attempt ended its run: the first failed, the retry finished.
+    # With the decorator each attempt ended its run: the first failed, the
+    # retry finished. The callback's run stays open in the driver across the
+    # retry (Tune tells callbacks of a retry with on_trial_recover, not as the
+    # trial's end) and ends once.
     ends = [
         s.exitcode
         for s in proxy.seen
         if s.complete and s.status == 200 and f"/{run_id}/file_stream" in s.path
     ]
-    assert ends == [1, 0]
+    assert ends == ([1, 0] if logged_by == "decorator" else [0])
 
 
 # --- c) throttling and server errors -----------------------------------------------

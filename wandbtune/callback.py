@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import logging
+import queue
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, Optional
 
@@ -16,6 +18,7 @@ from wandbtune._experiment import ExperimentLog, TrialOutcomes, tune_setup
 from wandbtune._mixin import WandbTrainableMixin
 from wandbtune._run import (
     ERROR,
+    FINISH_TIMEOUT_S,
     INTERRUPTED,
     Outcome,
     TrialRun,
@@ -79,6 +82,7 @@ class WandbLoggerCallback(LoggerCallback):  # type: ignore[misc]
         self._settings = replace(self._settings, ship_environ=False)
         self._settings.check_init_kwargs("WandbLoggerCallback")
         self._runs: dict[str, TrialRun] = {}
+        self._finisher = _Finisher()
         self._skipped: set[str] = set()
         #: The experiment's own run (and how each trial ended), on by default.
         self._experiment: Optional[ExperimentLog] = None
@@ -191,6 +195,8 @@ class WandbLoggerCallback(LoggerCallback):  # type: ignore[misc]
             return
         settings = self._settings.check_trial_config(trial.config)
         storage = getattr(trial, "storage", None)
+        # A retried trial's earlier run (same id) must be finished first.
+        self._finisher.wait_for(trial_id, FINISH_TIMEOUT_S)
         # Bad settings raise here, on the driver, before every trial fails.
         run = start_or_warn(
             settings,
@@ -230,7 +236,17 @@ class WandbLoggerCallback(LoggerCallback):  # type: ignore[misc]
         run = self._runs.pop(trial.trial_id, None)
         if run is not None:
             run.record_outcome(_outcome(trial, self._outcomes.get(trial.trial_id)))
+            self._finish(run, failed)
+
+    def _finish(self, run: TrialRun, failed: bool) -> None:
+        """Finish a trial's run. Online, that waits for W&B's uploads (about
+        a second a run against a server 40 ms away): the wait happens on a
+        thread of its own, not in Tune's loop; the end of the experiment
+        waits for it. Offline, finishing is CPU only: done here."""
+        if run.settings.offline() or run.settings.mode() == "disabled":
             run.finish(failed=failed)
+        else:
+            self._finisher.submit(str(run.run.id), lambda: run.finish(failed=failed))
 
     def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
         # Trials still running here were interrupted (Tuner.fit() stopped):
@@ -241,7 +257,8 @@ class WandbLoggerCallback(LoggerCallback):  # type: ignore[misc]
         for trial_id in list(self._runs):
             run = self._runs.pop(trial_id)
             run.record_outcome(_outcome(by_id.get(trial_id), outcomes.get(trial_id)))
-            run.finish(failed=False)
+            self._finish(run, failed=False)
+        self._finisher.close(FINISH_TIMEOUT_S)
         if self._experiment is not None:
             self._experiment.on_experiment_end(trials, flush=False)
         if "wandb" in sys.modules and _compat.wandb_open_runs() == 0:
@@ -249,6 +266,67 @@ class WandbLoggerCallback(LoggerCallback):  # type: ignore[misc]
             # W&B's service has written everything before fit() returns.
             # (With one open, shutting the service down would end it too.)
             flush_wandb()
+
+
+class _Finisher:
+    """A thread that finishes runs one after the other, started with the
+    first and ended by ``close``."""
+
+    def __init__(self) -> None:
+        self._tasks: queue.Queue[Optional[tuple[str, Callable[[], None]]]] = (
+            queue.Queue()
+        )
+        self._thread: Optional[threading.Thread] = None
+        #: run id -> set when that run is finished
+        self._pending: dict[str, threading.Event] = {}
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_Finisher, ())  # pickled with the callback: a new, idle one
+
+    def submit(self, run_id: str, finish: Callable[[], None]) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._loop, name="wandbtune-finish", daemon=True
+            )
+            self._thread.start()
+        self._pending[run_id] = threading.Event()
+        self._tasks.put((run_id, finish))
+
+    def wait_for(self, run_id: str, timeout: float) -> None:
+        """Wait until the run ``run_id`` is finished, if it is being."""
+        done = self._pending.get(run_id)
+        if done is not None:
+            done.wait(timeout)
+
+    def close(self, timeout: float) -> None:
+        """Wait until every run submitted is finished (at most ``timeout``:
+        each finish is bounded by W&B's ``finish_timeout``), then end."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        self._tasks.put(None)
+        thread.join(timeout)
+        if thread.is_alive():
+            logger.warning(
+                "wandbtune: W&B runs were still being finished after %.0f s; "
+                "what they wrote is on disk for `wandb sync`.",
+                timeout,
+            )
+
+    def _loop(self) -> None:
+        while True:
+            task = self._tasks.get()
+            if task is None:
+                return
+            run_id, finish = task
+            try:
+                finish()
+            except Exception:  # noqa: BLE001 - TrialRun.finish never raises
+                logger.exception("wandbtune: internal error finishing a run")
+            finally:
+                done = self._pending.pop(run_id, None)
+                if done is not None:
+                    done.set()
 
 
 def _outcome(trial: Any, name: Optional[str]) -> Outcome:
