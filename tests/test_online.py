@@ -29,7 +29,8 @@ from tests.raycompat import Checkpoint, FailureConfig, RunConfig, get_checkpoint
 from tests.wandb_server import FAKE_KEY
 from wandbtune import WandbLoggerCallback, wandb_trainable
 from wandbtune._compat import wandb_can_hand_over
-from wandbtune._node_service import CANCEL_WAIT_S, DEAD_GRACE_S, DRAIN_WAIT_S
+from wandbtune._node_actor import CANCEL_WAIT_S, DEAD_GRACE_S
+from wandbtune._node_service import DRAIN_WAIT_S
 from wandbtune._run import INIT_TIMEOUT_S, TEARDOWN_TIMEOUT_S
 
 #: W&B's client backs off ~20 s, then ~33 s, after a 5xx from the file stream

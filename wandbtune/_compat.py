@@ -1,4 +1,5 @@
-"""Everything wandbtune takes from Ray's and W&B's private APIs, in one place.
+"""Everything wandbtune takes from Ray's and W&B's private APIs, in one place
+(but for the node actor's few W&B calls, in ``_node_actor``).
 
 Ray moves these often (Train V2 became the default in 2.5x and made
 ``ray.train.report`` raise inside Tune). This module checks the installed
@@ -537,7 +538,9 @@ def wandb_open_runs() -> Optional[int]:
 # ``finish_timeout``), and tell the service the stream is done (which writes
 # its file). Only wandb whose service API has these shapes (0.31 is the one
 # tested; 0.19 differs) is used this way; elsewhere each trial process runs
-# its own service as before.
+# its own service as before. The actor's side of these calls is in
+# ``_node_actor``, the one exception to this module: Ray ships that module by
+# value so that the actor's process does not import wandbtune.
 
 
 @functools.cache
@@ -568,29 +571,6 @@ def wandb_can_hand_over() -> bool:
 def wandb_service_connected() -> bool:
     """True once this process's W&B is connected to a service."""
     return getattr(_wandb_setup(), "_connection", None) is not None
-
-
-def wandb_start_service_here() -> str:
-    """Start a W&B service owned by this process; its ``WANDB_SERVICE`` token,
-    for other processes on this machine to connect with."""
-    import wandb
-    from wandb.sdk import wandb_setup
-
-    os.environ.pop("WANDB_SERVICE", None)  # an inherited one is not ours
-    setup = wandb_setup._setup(settings=wandb.Settings(silent=True, quiet=True))
-    setup.ensure_service()
-    token = os.environ.get("WANDB_SERVICE")
-    if not token:
-        raise RuntimeError("W&B's service did not publish its address")
-    return token
-
-
-def wandb_stop_service_here() -> None:
-    """Shut down the W&B service this process started (its runs are all
-    finished: it exits at once)."""
-    import wandb
-
-    wandb.teardown()
 
 
 def wandb_hand_over(run: Any, timeout: float) -> bool:
@@ -624,42 +604,6 @@ def wandb_hand_over(run: Any, timeout: float) -> bool:
     if wandb.run is run:
         module.unset_globals()  # type: ignore[no-untyped-call]
     return True
-
-
-def wandb_send_exit(run_id: str, exit_code: int) -> Any:
-    """Send the exit of a run another process handed over to this process's
-    service (uploads then finish); the handle to wait on or cancel."""
-    from wandb.sdk import wandb_setup
-
-    connection = wandb_setup.singleton().assert_service()
-    _settings, interface = connection.inform_attach(attach_id=run_id)
-    return interface.deliver_exit(exit_code)
-
-
-def wandb_wait_exit(handle: Any, timeout: float) -> bool:
-    """Wait until the service has answered an exit (its uploads are done, or
-    W&B's ``finish_timeout`` stopped them); False if not within ``timeout`` or
-    cancelled (then the uploads are stopped)."""
-    from wandb.sdk.mailbox import HandleAbandonedError
-
-    try:
-        handle.wait_or(timeout=timeout)
-    except (TimeoutError, HandleAbandonedError):
-        return False
-    return True
-
-
-def wandb_cancel_exit(handle: Any) -> None:
-    """Stop waiting for an exit's uploads: the service stops them."""
-    handle.cancel()
-
-
-def wandb_end_stream(run_id: str) -> None:
-    """Tell this process's service a handed-over run is done: it writes the
-    rest of the run's file and forgets the run."""
-    from wandb.sdk import wandb_setup
-
-    wandb_setup.singleton().assert_service().inform_finish(run_id=run_id)
 
 
 def in_ray_worker() -> bool:

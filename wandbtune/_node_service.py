@@ -1,7 +1,7 @@
 """One W&B service per node that outlives the trials: a trial's end never
 waits for W&B's uploads.
 
-Each node gets one Ray actor (``NodeService``) that owns a W&B service
+Each node gets one Ray actor (``_node_actor.NodeService``) that owns a W&B service
 process. Trial processes of the decorator connect to it (``WANDB_SERVICE``)
 instead of starting their own; at a trial's end the trial hands its run over
 (``hand_over``: one round trip, then it lets go) and the node's actor
@@ -32,10 +32,10 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from typing import Any, Optional
 
 from wandbtune import _compat
+from wandbtune._node_actor import CANCEL_WAIT_S, DEAD_GRACE_S
 
 logger = logging.getLogger("wandbtune")
 
@@ -50,170 +50,26 @@ __all__ = [
     "start_all",
 ]
 
-#: wandb 0.19's service API cannot take runs over (see
-#: ``_compat.wandb_can_hand_over``, which the node's actor asks): no actor is
-#: started for it.
+#: wandb 0.19's service API cannot take runs over (trials check the installed
+#: wandb with ``_compat.wandb_can_hand_over``): no actor is started for it.
 HAND_OVER_MIN = (0, 20)
 #: The Ray namespace of the node actors (named per job and node).
 NAMESPACE = "wandbtune"
 #: How long a trial waits for its node's actor to give the service's address
 #: (it starts with the experiment; a trial that waits longer starts its own).
 CONNECT_TIMEOUT_S = 20.0
-#: How long finishing one run may wait for its uploads (then W&B's
-#: ``finish_timeout`` has stopped them and the rest is on disk).
-FINISH_WAIT_S = 130.0
 #: How long the end of an experiment waits for W&B to finish uploading the
 #: runs (as ``_run.TEARDOWN_TIMEOUT_S`` for a trial's own service); then the
 #: uploads are stopped and what is left is written to disk.
 DRAIN_WAIT_S = 30.0
-#: How long a stopped upload takes to be written to disk.
-CANCEL_WAIT_S = 5.0
-#: How long the end of an experiment waits for trial processes that Tune
-#: could not stop to die (it kills them).
-DEAD_GRACE_S = 5.0
 #: How long a retried trial waits for its earlier attempt's run to end.
 RELEASE_WAIT_S = 30.0
 #: How long the service takes to shut down once its runs are finished.
 STOP_WAIT_S = 10.0
-#: How often the actor looks for dead trial processes.
-WATCH_INTERVAL_S = 1.0
 
 
 def _name(job_id: str, node_id: str) -> str:
     return f"wandb-service-{job_id}-{node_id}"
-
-
-class NodeService:
-    """The node's actor: owns the W&B service, finishes handed-over runs."""
-
-    def __init__(self) -> None:
-        #: the service's address; "" where this wandb cannot take runs over
-        self._token = (
-            _compat.wandb_start_service_here() if _compat.wandb_can_hand_over() else ""
-        )
-        self._lock = threading.Lock()
-        #: open runs: run id -> pid of the trial process logging to it
-        self._open: dict[str, int] = {}
-        #: runs being finished, set when done
-        self._finishing: dict[str, threading.Event] = {}
-        #: exits sent, not answered yet (cancelled at the drain's deadline)
-        self._exits: dict[str, Any] = {}
-        #: runs whose exit was not answered: cut short, on disk
-        self._late: list[str] = []
-        threading.Thread(
-            target=self._watch, name="wandbtune-node-watch", daemon=True
-        ).start()
-
-    def token(self) -> str:
-        return self._token
-
-    def register(self, run_id: str, pid: int) -> None:
-        with self._lock:
-            self._open[run_id] = pid
-
-    def finish(self, run_id: str, exit_code: int) -> None:
-        """Finish a handed-over run in the background; returns at once."""
-        self._start_finishing(run_id, exit_code)
-
-    def release(self, run_id: str, timeout: float) -> bool:
-        """Before another attempt of ``run_id`` starts: end what an earlier
-        attempt left open here (failed), and wait until its run is finished;
-        True if nothing of it is left."""
-        with self._lock:
-            pid = self._open.get(run_id)
-        if pid is not None:
-            self._start_finishing(run_id, 1)
-        with self._lock:
-            done = self._finishing.get(run_id)
-        return done is None or done.wait(timeout)
-
-    def drain(self, timeout: float) -> list[str]:
-        """At the end of the experiment: finish every run (those of trial
-        processes still alive after Tune's cleanup as failed) and wait for
-        them; past ``timeout`` stop their uploads, so that what is left is
-        written to disk. The ids of runs not uploaded completely."""
-        deadline = time.monotonic() + timeout
-        grace = time.monotonic() + DEAD_GRACE_S  # Tune kills what it cannot stop
-        while time.monotonic() < grace:
-            with self._lock:
-                alive = [r for r, pid in self._open.items() if _alive(pid)]
-            if not alive:
-                break
-            time.sleep(0.2)
-        with self._lock:
-            left = list(self._open)
-        for run_id in left:
-            self._start_finishing(run_id, 1)
-        with self._lock:
-            pending = dict(self._finishing)
-        for done in pending.values():
-            done.wait(max(0.0, deadline - time.monotonic()))
-        with self._lock:
-            exits = list(self._exits.values())  # not answered yet
-        for handle in exits:
-            _compat.wandb_cancel_exit(handle)
-        for done in pending.values():
-            done.wait(CANCEL_WAIT_S)
-        with self._lock:
-            late, self._late = self._late, []
-        return late
-
-    def stop(self) -> None:
-        """Shut the W&B service down (every run is finished by now)."""
-        _compat.wandb_stop_service_here()
-
-    def _start_finishing(self, run_id: str, exit_code: int) -> None:
-        with self._lock:
-            if self._open.pop(run_id, None) is None and run_id in self._finishing:
-                return
-            if run_id in self._finishing and not self._finishing[run_id].is_set():
-                return
-            done = self._finishing[run_id] = threading.Event()
-        threading.Thread(
-            target=self._finish,
-            args=(run_id, exit_code, done),
-            name=f"wandbtune-finish-{run_id}",
-            daemon=True,
-        ).start()
-
-    def _finish(self, run_id: str, exit_code: int, done: threading.Event) -> None:
-        answered = False
-        try:
-            handle = _compat.wandb_send_exit(run_id, exit_code)
-            with self._lock:
-                self._exits[run_id] = handle
-            answered = _compat.wandb_wait_exit(handle, FINISH_WAIT_S)
-        except Exception as exc:  # noqa: BLE001 - one run's trouble, not all
-            logger.warning("wandbtune: W&B run %s was not finished: %r", run_id, exc)
-        finally:
-            try:
-                _compat.wandb_end_stream(run_id)
-            except Exception as exc:  # noqa: BLE001
-                logger.warning("wandbtune: W&B run %s was not closed: %r", run_id, exc)
-            with self._lock:
-                self._exits.pop(run_id, None)
-                if not answered:
-                    self._late.append(run_id)
-            done.set()
-
-    def _watch(self) -> None:
-        """Finish the runs of trial processes that died without handing over."""
-        while True:
-            time.sleep(WATCH_INTERVAL_S)
-            with self._lock:
-                dead = [r for r, pid in self._open.items() if not _alive(pid)]
-            for run_id in dead:
-                self._start_finishing(run_id, 1)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
 
 
 # --- on the driver -----------------------------------------------------------------
@@ -246,8 +102,14 @@ def start_all(trainable: Any) -> bool:
     job = _compat.ray_job_id()
     if job is None:
         return False
+    from ray import cloudpickle
+
+    from wandbtune import _node_actor
+
+    # By value: the actor's process then imports neither wandbtune nor Tune.
+    cloudpickle.register_pickle_by_value(_node_actor)  # type: ignore[no-untyped-call]
     actor_class = ray.remote(num_cpus=0, max_concurrency=64)(  # type: ignore[call-overload]
-        NodeService
+        _node_actor.NodeService
     )
     with _driver_lock:
         _users += 1

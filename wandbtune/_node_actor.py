@@ -1,0 +1,226 @@
+"""The node's W&B service actor (see ``_node_service``).
+
+Ray ships this module's code by value (``cloudpickle.register_pickle_by_value``
+in ``_node_service``), so that the actor's process imports neither wandbtune
+nor Ray Tune: measured here, the actor is ready in 0.69 s instead of 1.29 s,
+with 0.86 s of CPU instead of 1.41 s and 136 MB instead of 206 MB, on a
+machine where the experiment's first trials start at the same time. Its code
+therefore uses only the standard library and wandb, and holds the few
+private W&B calls the actor makes (a trial's side of the hand-over is in
+``_compat``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+logger = logging.getLogger("wandbtune")
+
+#: How long finishing one run may wait for its uploads (then W&B's
+#: ``finish_timeout`` has stopped them and the rest is on disk).
+FINISH_WAIT_S = 130.0
+#: How long a stopped upload takes to be written to disk.
+CANCEL_WAIT_S = 5.0
+#: How long the end of an experiment waits for trial processes that Tune
+#: could not stop to die (it kills them).
+DEAD_GRACE_S = 5.0
+#: How often the actor looks for dead trial processes.
+WATCH_INTERVAL_S = 1.0
+
+
+class NodeService:
+    """The node's actor: owns the W&B service, finishes handed-over runs."""
+
+    def __init__(self) -> None:
+        #: the service's address (trials whose wandb cannot hand a run over
+        #: do not use it: ``_compat.wandb_can_hand_over``)
+        self._token = wandb_start_service_here()
+        self._lock = threading.Lock()
+        #: open runs: run id -> pid of the trial process logging to it
+        self._open: dict[str, int] = {}
+        #: runs being finished, set when done
+        self._finishing: dict[str, threading.Event] = {}
+        #: exits sent, not answered yet (cancelled at the drain's deadline)
+        self._exits: dict[str, Any] = {}
+        #: runs whose exit was not answered: cut short, on disk
+        self._late: list[str] = []
+        threading.Thread(
+            target=self._watch, name="wandbtune-node-watch", daemon=True
+        ).start()
+
+    def token(self) -> str:
+        return self._token
+
+    def register(self, run_id: str, pid: int) -> None:
+        with self._lock:
+            self._open[run_id] = pid
+
+    def finish(self, run_id: str, exit_code: int) -> None:
+        """Finish a handed-over run in the background; returns at once."""
+        self._start_finishing(run_id, exit_code)
+
+    def release(self, run_id: str, timeout: float) -> bool:
+        """Before another attempt of ``run_id`` starts: end what an earlier
+        attempt left open here (failed), and wait until its run is finished;
+        True if nothing of it is left."""
+        with self._lock:
+            pid = self._open.get(run_id)
+        if pid is not None:
+            self._start_finishing(run_id, 1)
+        with self._lock:
+            done = self._finishing.get(run_id)
+        return done is None or done.wait(timeout)
+
+    def drain(self, timeout: float) -> list[str]:
+        """At the end of the experiment: finish every run (those of trial
+        processes still alive after Tune's cleanup as failed) and wait for
+        them; past ``timeout`` stop their uploads, so that what is left is
+        written to disk. The ids of runs not uploaded completely."""
+        deadline = time.monotonic() + timeout
+        grace = time.monotonic() + DEAD_GRACE_S  # Tune kills what it cannot stop
+        while time.monotonic() < grace:
+            with self._lock:
+                alive = [r for r, pid in self._open.items() if _alive(pid)]
+            if not alive:
+                break
+            time.sleep(0.2)
+        with self._lock:
+            left = list(self._open)
+        for run_id in left:
+            self._start_finishing(run_id, 1)
+        with self._lock:
+            pending = dict(self._finishing)
+        for done in pending.values():
+            done.wait(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            exits = list(self._exits.values())  # not answered yet
+        for handle in exits:
+            wandb_cancel_exit(handle)
+        for done in pending.values():
+            done.wait(CANCEL_WAIT_S)
+        with self._lock:
+            late, self._late = self._late, []
+        return late
+
+    def stop(self) -> None:
+        """Shut the W&B service down (every run is finished by now)."""
+        wandb_stop_service_here()
+
+    def _start_finishing(self, run_id: str, exit_code: int) -> None:
+        with self._lock:
+            if self._open.pop(run_id, None) is None and run_id in self._finishing:
+                return
+            if run_id in self._finishing and not self._finishing[run_id].is_set():
+                return
+            done = self._finishing[run_id] = threading.Event()
+        threading.Thread(
+            target=self._finish,
+            args=(run_id, exit_code, done),
+            name=f"wandbtune-finish-{run_id}",
+            daemon=True,
+        ).start()
+
+    def _finish(self, run_id: str, exit_code: int, done: threading.Event) -> None:
+        answered = False
+        try:
+            handle = wandb_send_exit(run_id, exit_code)
+            with self._lock:
+                self._exits[run_id] = handle
+            answered = wandb_wait_exit(handle, FINISH_WAIT_S)
+        except Exception as exc:  # noqa: BLE001 - one run's trouble, not all
+            logger.warning("wandbtune: W&B run %s was not finished: %r", run_id, exc)
+        finally:
+            try:
+                wandb_end_stream(run_id)
+            except Exception as exc:  # noqa: BLE001
+                logger.warning("wandbtune: W&B run %s was not closed: %r", run_id, exc)
+            with self._lock:
+                self._exits.pop(run_id, None)
+                if not answered:
+                    self._late.append(run_id)
+            done.set()
+
+    def _watch(self) -> None:
+        """Finish the runs of trial processes that died without handing over."""
+        while True:
+            time.sleep(WATCH_INTERVAL_S)
+            with self._lock:
+                dead = [r for r, pid in self._open.items() if not _alive(pid)]
+            for run_id in dead:
+                self._start_finishing(run_id, 1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+# --- W&B's private API, for the actor ------------------------------------------
+
+
+def wandb_start_service_here() -> str:
+    """Start a W&B service owned by this process; its ``WANDB_SERVICE`` token,
+    for other processes on this machine to connect with."""
+    import wandb
+    from wandb.sdk import wandb_setup
+
+    os.environ.pop("WANDB_SERVICE", None)  # an inherited one is not ours
+    setup = wandb_setup._setup(settings=wandb.Settings(silent=True, quiet=True))
+    setup.ensure_service()
+    token = os.environ.get("WANDB_SERVICE")
+    if not token:
+        raise RuntimeError("W&B's service did not publish its address")
+    return token
+
+
+def wandb_stop_service_here() -> None:
+    """Shut down the W&B service this process started (its runs are all
+    finished: it exits at once)."""
+    import wandb
+
+    wandb.teardown()
+
+
+def wandb_send_exit(run_id: str, exit_code: int) -> Any:
+    """Send the exit of a run another process handed over to this process's
+    service (uploads then finish); the handle to wait on or cancel."""
+    from wandb.sdk import wandb_setup
+
+    connection = wandb_setup.singleton().assert_service()
+    _settings, interface = connection.inform_attach(attach_id=run_id)
+    return interface.deliver_exit(exit_code)
+
+
+def wandb_wait_exit(handle: Any, timeout: float) -> bool:
+    """Wait until the service has answered an exit (its uploads are done, or
+    W&B's ``finish_timeout`` stopped them); False if not within ``timeout`` or
+    cancelled (then the uploads are stopped)."""
+    from wandb.sdk.mailbox import HandleAbandonedError
+
+    try:
+        handle.wait_or(timeout=timeout)
+    except (TimeoutError, HandleAbandonedError):
+        return False
+    return True
+
+
+def wandb_cancel_exit(handle: Any) -> None:
+    """Stop waiting for an exit's uploads: the service stops them."""
+    handle.cancel()
+
+
+def wandb_end_stream(run_id: str) -> None:
+    """Tell this process's service a handed-over run is done: it writes the
+    rest of the run's file and forgets the run."""
+    from wandb.sdk import wandb_setup
+
+    wandb_setup.singleton().assert_service().inform_finish(run_id=run_id)
