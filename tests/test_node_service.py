@@ -16,7 +16,7 @@ import pytest
 import ray
 from ray import tune
 
-from tests.raycompat import report
+from tests.raycompat import RunConfig, report
 from wandbtune import wandb_trainable
 from wandbtune._compat import wandb_can_hand_over
 from wandbtune._node_service import NAMESPACE
@@ -28,19 +28,11 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def wandb_children(pid: int) -> int:
-    """How many W&B processes (wandb-core) are children of ``pid``."""
-    count = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue  # gone meanwhile
-        name = text[text.index("(") + 1 : text.rindex(")")]
-        parent = int(text[text.rindex(")") + 2 :].split()[1])
-        if parent == pid and "wandb" in name:
-            count += 1
-    return count
+def service_started_here() -> bool:
+    """True if this process started the W&B service it logs to: W&B's token
+    (``WANDB_SERVICE``, set once connected) names the starter's pid."""
+    token = os.environ.get("WANDB_SERVICE", "")
+    return token.split("-")[1:2] == [str(os.getpid())]
 
 
 @wandb_trainable(project="node")
@@ -53,7 +45,7 @@ def reports_its_service(config):
             {
                 "score": config["n"] * 10 + i,
                 "service": os.environ.get("WANDB_SERVICE", ""),
-                "service_children": wandb_children(os.getpid()),
+                "service_started_here": service_started_here(),
             }
         )
 
@@ -69,7 +61,7 @@ def test_the_trials_of_a_node_share_one_w_and_b_service(sweep):
     assert len({r.metrics["pid"] for r in out.results}) == 4
     services = {r.metrics["service"] for r in out.results}
     assert len(services) == 1 and "" not in services, services
-    assert [r.metrics["service_children"] for r in out.results] == [0] * 4
+    assert [r.metrics["service_started_here"] for r in out.results] == [False] * 4
     # Every run was handed over and finished, and is complete on disk when
     # fit() returns.
     assert out.aborted == [] and len(out.runs) == 4
@@ -108,3 +100,36 @@ def test_a_handed_over_run_keeps_how_its_trial_ended(sweep):
     assert out.run_for(next(r for r in out.results if r.config["n"] == 2)).column(
         "score"
     ) == [1]
+
+
+@wandb_trainable(project="node")
+def fails_the_first_time(config):
+    import wandb
+
+    assert wandb.run is not None  # waits until the run has started
+    marker = Path(config["marker"])
+    report({"service_started_here": service_started_here()})
+    if not marker.exists():
+        marker.touch()
+        raise ValueError("the first time")
+    report({"service_started_here": service_started_here()})
+
+
+def test_a_restored_experiment_gets_its_node_service_too(ray_session, tmp_path):
+    # Tune saves its controller's state with the experiment and restores it:
+    # nothing of wandbtune's may come back with it and keep the restored
+    # experiment from starting its node services.
+    storage = tmp_path / "results"
+    space = {"marker": str(tmp_path / "failed")}
+    first = tune.Tuner(
+        fails_the_first_time,
+        param_space=space,
+        run_config=RunConfig(name="restore", storage_path=str(storage), verbose=0),
+    ).fit()
+    assert first[0].error is not None
+    (result,) = tune.Tuner.restore(
+        str(storage / "restore"), fails_the_first_time, resume_errored=True
+    ).fit()
+    assert result.error is None
+    here = result.metrics_dataframe["service_started_here"].tolist()
+    assert len(here) >= 1 and not any(here), here

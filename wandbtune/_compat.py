@@ -16,6 +16,7 @@ import os
 import re
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib import metadata
@@ -575,7 +576,7 @@ def wandb_service_connected() -> bool:
 
 def wandb_hand_over(run: Any, timeout: float) -> bool:
     """Let go of ``run`` in this process without finishing it, so another
-    client of the same service can (``wandb_finish_handed_over``); True if
+    client of the same service can (``_node_actor.NodeService``); True if
     done. First one round trip on this process's connection: every row sent
     before is then in the run's stream, where an exit sent on another
     connection cannot overtake it. Then what ``Run.finish`` does locally,
@@ -642,12 +643,16 @@ def around_tune_experiment(
     original_schedule = TuneController._schedule_trial_actor
     original_cleanup = TuneController._cleanup_trials
 
+    # Per controller, not on it: Tune saves its controller's attributes with
+    # the experiment's state, and Tuner.restore would bring them back.
+    seen: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+
     @functools.wraps(original_schedule)
     def _schedule_trial_actor(self: Any, trial: Any, *args: Any, **kwargs: Any) -> Any:
-        if not getattr(self, "_wandbtune_seen", False):
-            self._wandbtune_seen = True
+        if self not in seen:
+            seen[self] = False
             try:
-                self._wandbtune_started = start(trial.get_trainable_cls())
+                seen[self] = start(trial.get_trainable_cls())
             except Exception:  # noqa: BLE001 - never stops Tune
                 logger.debug("wandbtune: experiment start hook", exc_info=True)
         return original_schedule(self, trial, *args, **kwargs)
@@ -657,8 +662,8 @@ def around_tune_experiment(
         try:
             return original_cleanup(self, *args, **kwargs)  # type: ignore[no-untyped-call]
         finally:
-            if getattr(self, "_wandbtune_started", False):
-                self._wandbtune_started = False
+            if seen.get(self):
+                seen[self] = False
                 try:
                     end()
                 except Exception:  # noqa: BLE001 - never stops Tune

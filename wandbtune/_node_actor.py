@@ -16,13 +16,10 @@ import logging
 import os
 import threading
 import time
-from typing import Any
+from typing import Any, Optional
 
 logger = logging.getLogger("wandbtune")
 
-#: How long finishing one run may wait for its uploads (then W&B's
-#: ``finish_timeout`` has stopped them and the rest is on disk).
-FINISH_WAIT_S = 130.0
 #: How long a stopped upload takes to be written to disk.
 CANCEL_WAIT_S = 5.0
 #: How long the end of an experiment waits for trial processes that Tune
@@ -59,8 +56,15 @@ class NodeService:
         with self._lock:
             self._open[run_id] = pid
 
+    def forget(self, run_id: str) -> None:
+        """The trial finished ``run_id`` itself: nothing to do for it."""
+        with self._lock:
+            self._open.pop(run_id, None)
+
     def finish(self, run_id: str, exit_code: int) -> None:
-        """Finish a handed-over run in the background; returns at once."""
+        """Finish a handed-over run in the background; returns at once. It
+        waits for its uploads as long as W&B's ``finish_timeout`` lets it, or
+        until ``drain`` stops them."""
         self._start_finishing(run_id, exit_code)
 
     def release(self, run_id: str, timeout: float) -> bool:
@@ -75,21 +79,23 @@ class NodeService:
             done = self._finishing.get(run_id)
         return done is None or done.wait(timeout)
 
-    def drain(self, timeout: float) -> list[str]:
-        """At the end of the experiment: finish every run (those of trial
-        processes still alive after Tune's cleanup as failed) and wait for
-        them; past ``timeout`` stop their uploads, so that what is left is
-        written to disk. The ids of runs not uploaded completely."""
+    def drain(self, timeout: float, everything: bool = True) -> list[str]:
+        """At the end of the experiment: finish every run (``everything``:
+        also those of trial processes still alive after Tune's cleanup, as
+        failed; else only the dead ones': another experiment still logs
+        here) and wait for them; past ``timeout`` stop their uploads, so that
+        what is left is written to disk. The ids of runs not uploaded
+        completely."""
         deadline = time.monotonic() + timeout
         grace = time.monotonic() + DEAD_GRACE_S  # Tune kills what it cannot stop
-        while time.monotonic() < grace:
+        while everything and time.monotonic() < grace:
             with self._lock:
                 alive = [r for r, pid in self._open.items() if _alive(pid)]
             if not alive:
                 break
             time.sleep(0.2)
         with self._lock:
-            left = list(self._open)
+            left = [r for r, pid in self._open.items() if everything or not _alive(pid)]
         for run_id in left:
             self._start_finishing(run_id, 1)
         with self._lock:
@@ -100,8 +106,9 @@ class NodeService:
             exits = list(self._exits.values())  # not answered yet
         for handle in exits:
             wandb_cancel_exit(handle)
+        cancelled = time.monotonic() + CANCEL_WAIT_S
         for done in pending.values():
-            done.wait(CANCEL_WAIT_S)
+            done.wait(max(0.0, cancelled - time.monotonic()))
         with self._lock:
             late, self._late = self._late, []
         return late
@@ -128,9 +135,18 @@ class NodeService:
         answered = False
         try:
             handle = wandb_send_exit(run_id, exit_code)
+        except Exception as exc:  # noqa: BLE001 - no such run in the service
+            # (a trial killed before its run had started, or finished by the
+            # trial itself): nothing to finish.
+            logger.debug("wandbtune: W&B run %s not attached: %r", run_id, exc)
+            with self._lock:
+                self._finishing.pop(run_id, None)
+            done.set()
+            return
+        try:
             with self._lock:
                 self._exits[run_id] = handle
-            answered = wandb_wait_exit(handle, FINISH_WAIT_S)
+            answered = wandb_wait_exit(handle, None)
         except Exception as exc:  # noqa: BLE001 - one run's trouble, not all
             logger.warning("wandbtune: W&B run %s was not finished: %r", run_id, exc)
         finally:
@@ -200,7 +216,7 @@ def wandb_send_exit(run_id: str, exit_code: int) -> Any:
     return interface.deliver_exit(exit_code)
 
 
-def wandb_wait_exit(handle: Any, timeout: float) -> bool:
+def wandb_wait_exit(handle: Any, timeout: Optional[float]) -> bool:
     """Wait until the service has answered an exit (its uploads are done, or
     W&B's ``finish_timeout`` stopped them); False if not within ``timeout`` or
     cancelled (then the uploads are stopped)."""

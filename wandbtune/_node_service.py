@@ -44,8 +44,10 @@ __all__ = [
     "connect",
     "current",
     "drain_all",
+    "forget",
     "hand_over",
     "on_pickled",
+    "register",
     "release",
     "start_all",
 ]
@@ -75,6 +77,8 @@ def _name(job_id: str, node_id: str) -> str:
 # --- on the driver -----------------------------------------------------------------
 
 _started: list[Any] = []
+#: The Ray job the actors in ``_started`` belong to.
+_started_job: Optional[str] = None
 _users = 0
 _driver_lock = threading.Lock()
 
@@ -83,17 +87,20 @@ def on_pickled() -> None:
     """A decorated trainable's settings are pickled (on the driver, when the
     experiment is set up): its experiment gets a W&B service per node."""
     # Not wandb_can_hand_over() here: it imports wandb (≈ 1 s) in the driver,
-    # which has no other use for it; the node's actor checks.
+    # which has no other use for it; trials check.
     if _compat.in_ray_worker() or not _compat.wandb_at_least(HAND_OVER_MIN):
         return
-    _compat.around_tune_experiment(start_all, drain_all)
+    try:
+        _compat.around_tune_experiment(start_all, drain_all)
+    except Exception as exc:  # noqa: BLE001 - then a service per trial process
+        logger.debug("wandbtune: no W&B service per node: %r", exc)
 
 
 def start_all(trainable: Any) -> bool:
     """When an experiment of a decorated trainable starts its first trial:
     start a node actor on every alive node; True if it did. Actors of an
     experiment running beside this one in the driver are shared."""
-    global _users
+    global _users, _started_job
     if getattr(trainable, "_wandbtune_settings", None) is None:
         return False
     import ray
@@ -111,14 +118,18 @@ def start_all(trainable: Any) -> bool:
     actor_class = ray.remote(num_cpus=0, max_concurrency=64)(  # type: ignore[call-overload]
         _node_actor.NodeService
     )
+    nodes = [node["NodeID"] for node in ray.nodes() if node.get("Alive")]  # type: ignore[no-untyped-call]
     with _driver_lock:
+        if _started and _started_job != job:
+            # Left from another Ray session (ray.shutdown() and ray.init()
+            # between fits, or a fit that ended without Tune's cleanup).
+            _started.clear()
+            _users = 0
         _users += 1
         if _started:
             return True
-        for node in ray.nodes():  # type: ignore[no-untyped-call]
-            if not node.get("Alive"):
-                continue
-            node_id = node["NodeID"]
+        _started_job = job
+        for node_id in nodes:
             try:
                 handle = actor_class.options(  # type: ignore[attr-defined]
                     name=_name(job, node_id),
@@ -150,13 +161,19 @@ def drain_all() -> None:
         return
     late: list[str] = []
     try:
+        # With another experiment still running on the actors, only the runs
+        # already handed over or of dead trial processes are waited for.
         for answer in ray.get(
-            [h.drain.remote(DRAIN_WAIT_S) for h in handles],
+            [h.drain.remote(DRAIN_WAIT_S, last) for h in handles],
             timeout=DRAIN_WAIT_S + DEAD_GRACE_S + CANCEL_WAIT_S + 10.0,
         ):
             late += answer
     except Exception as exc:  # noqa: BLE001 - reported below, never raised
-        late.append(repr(exc))
+        logger.warning(
+            "wandbtune: W&B's node services did not answer at the end of the "
+            "experiment (%s); what they hold is on disk for `wandb sync`.",
+            f"{type(exc).__name__}: {exc}".splitlines()[0][:300],
+        )
     if late:
         logger.warning(
             "wandbtune: W&B did not finish uploading %d run(s) in time (%s); "
@@ -164,8 +181,8 @@ def drain_all() -> None:
             len(late),
             ", ".join(late[:10]),
         )
-    if last:
-        with _driver_lock:
+    with _driver_lock:
+        if _users == 0 and _started:  # no experiment started meanwhile
             try:
                 ray.get([h.stop.remote() for h in _started], timeout=STOP_WAIT_S)
             except Exception:  # noqa: BLE001 - killed below all the same
@@ -246,10 +263,22 @@ def release(run_id: str) -> None:
 
 
 def register(node: Any, run_id: str) -> None:
-    """Tell the node's actor this process logs to ``run_id``."""
+    """Tell the node's actor this process logs to ``run_id`` (it finishes the
+    run as failed if the process dies without handing it over)."""
     import ray
 
-    ray.get(node.register.remote(run_id, os.getpid()), timeout=CONNECT_TIMEOUT_S)
+    try:
+        ray.get(node.register.remote(run_id, os.getpid()), timeout=CONNECT_TIMEOUT_S)
+    except Exception as exc:  # noqa: BLE001 - the run is handed over all the same
+        logger.debug("wandbtune: run %s not registered: %r", run_id, exc)
+
+
+def forget(node: Any, run_id: str) -> None:
+    """Tell the node's actor this process finished ``run_id`` itself."""
+    try:
+        node.forget.remote(run_id)
+    except Exception as exc:  # noqa: BLE001
+        logger.debug("wandbtune: run %s not forgotten: %r", run_id, exc)
 
 
 def hand_over(node: Any, run: Any, exit_code: int) -> bool:

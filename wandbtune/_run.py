@@ -100,10 +100,13 @@ def start_run(
     node = None
     if not exclusive:
         kwargs["reinit"] = "create_new"
-    elif node_service:
+    elif node_service and settings.mode() != "disabled":
         node = _node_service.connect()
         if kwargs.get("id"):
-            _node_service.release(str(kwargs["id"]))
+            run_id = str(kwargs["id"])
+            _node_service.release(run_id)  # an earlier attempt's, on any node
+            if node is not None:  # before the run opens: a kill during init too
+                _node_service.register(node, run_id)
     else:
         _compat.wandb_own_service()
     if exclusive and wandb.run is not None:
@@ -114,12 +117,13 @@ def start_run(
         kwargs.get("dir") or settings.env("WANDB_DIR"), kwargs.get("id")
     )
     try:
-        run = wandb.init(**kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"wandb.init rejected the arguments: {exc}") from exc
-    if node is not None:
-        _node_service.register(node, str(run.id))
-    return run
+        return wandb.init(**kwargs)
+    except BaseException as exc:
+        if node is not None and kwargs.get("id"):
+            _node_service.forget(node, str(kwargs["id"]))  # no run opened
+        if isinstance(exc, TypeError):
+            raise ConfigError(f"wandb.init rejected the arguments: {exc}") from exc
+        raise
 
 
 #: How long a trial waits for W&B to start its run before training on without
@@ -278,7 +282,8 @@ class TrialRun:
         **trial: Any,
     ) -> TrialRun:
         started = start_run(settings, node_service=node_service, **trial)
-        node = _node_service.current() if node_service else None
+        shared = node_service and settings.mode() != "disabled"
+        node = _node_service.current() if shared else None
         run = cls(started, settings, exploit=exploit, node=node)
         if exploit is None and isinstance(restored_iteration, int):
             run.fill_in(trial.get("dir"), restored_iteration)
@@ -490,14 +495,16 @@ class TrialRun:
         """Hand the run to the node's W&B service, which finishes it while
         the trial goes on or exits; False if it must be finished here."""
         try:
-            return _node_service.hand_over(self.node, self.run, exit_code)
+            if _node_service.hand_over(self.node, self.run, exit_code):
+                return True
         except Exception as exc:  # noqa: BLE001
-            if not getattr(self.run, "_is_finished", False):
-                return False  # still ours: finished here
-            # Let go of already: the node's actor finishes it (as failed)
-            # when this process is gone.
-            self._warn_once("finish", f"the W&B run was not handed over: {exc!r}")
-            return True
+            if getattr(self.run, "_is_finished", False):
+                # Let go of already: the node's actor finishes it (as failed)
+                # when this process is gone.
+                self._warn_once("finish", f"the W&B run was not handed over: {exc!r}")
+                return True
+        _node_service.forget(self.node, str(self.run.id))  # finished here
+        return False
 
     def _warn_once(self, what: str, message: str) -> None:
         if what not in self._warned:

@@ -195,7 +195,9 @@ class WandbLoggerCallback(LoggerCallback):  # type: ignore[misc]
             return
         settings = self._settings.check_trial_config(trial.config)
         storage = getattr(trial, "storage", None)
-        # A retried trial's earlier run (same id) must be finished first.
+        # Should Tune start a trial again after telling its end (a retry is
+        # told as on_trial_recover, and the run stays open), the earlier run
+        # (same id) must be finished first.
         self._finisher.wait_for(trial_id, FINISH_TIMEOUT_S)
         # Bad settings raise here, on the driver, before every trial fails.
         run = start_or_warn(
@@ -273,9 +275,9 @@ class _Finisher:
     first and ended by ``close``."""
 
     def __init__(self) -> None:
-        self._tasks: queue.Queue[Optional[tuple[str, Callable[[], None]]]] = (
-            queue.Queue()
-        )
+        self._tasks: queue.Queue[
+            Optional[tuple[str, threading.Event, Callable[[], None]]]
+        ] = queue.Queue()
         self._thread: Optional[threading.Thread] = None
         #: run id -> set when that run is finished
         self._pending: dict[str, threading.Event] = {}
@@ -289,8 +291,8 @@ class _Finisher:
                 target=self._loop, name="wandbtune-finish", daemon=True
             )
             self._thread.start()
-        self._pending[run_id] = threading.Event()
-        self._tasks.put((run_id, finish))
+        done = self._pending[run_id] = threading.Event()
+        self._tasks.put((run_id, done, finish))
 
     def wait_for(self, run_id: str, timeout: float) -> None:
         """Wait until the run ``run_id`` is finished, if it is being."""
@@ -318,15 +320,15 @@ class _Finisher:
             task = self._tasks.get()
             if task is None:
                 return
-            run_id, finish = task
+            run_id, done, finish = task
             try:
                 finish()
             except Exception:  # noqa: BLE001 - TrialRun.finish never raises
                 logger.exception("wandbtune: internal error finishing a run")
             finally:
-                done = self._pending.pop(run_id, None)
-                if done is not None:
-                    done.set()
+                if self._pending.get(run_id) is done:
+                    del self._pending[run_id]
+                done.set()
 
 
 def _outcome(trial: Any, name: Optional[str]) -> Outcome:
