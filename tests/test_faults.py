@@ -289,7 +289,7 @@ def test_after_a_killed_driver_w_and_b_holds_every_result_tune_kept(
     ray_session, tmp_path
 ):
     # The driver is killed (SIGKILL of it and every process under it)
-    # mid-sweep: the trial's W&B service dies before it wrote its last rows,
+    # mid-sweep: W&B's service dies before it wrote its last rows,
     # which Tune had received and checkpointed. Tuner.restore goes on from the
     # last checkpoint; wandbtune fills in those rows from Tune's result.json.
     storage = tmp_path / "results"
@@ -324,10 +324,9 @@ def test_after_a_killed_driver_w_and_b_holds_every_result_tune_kept(
     ((_, attempts),) = out.attempts.items()
     assert len(attempts) == 2
     killed, _ = attempts
-    if wandb_can_hand_over():
-        assert killed.exit_code == 1  # finished as failed by the node's service
-    else:
-        assert killed.exit_code is None  # never finished: its service was killed
+    # Never finished: its W&B service (the node's, or the trial process's
+    # own with wandb 0.19) was killed with the driver's processes.
+    assert killed.exit_code is None
     # The killed attempt's W&B data lacks results Tune had kept (else this
     # test proves nothing) ...
     written = killed.column("training_iteration")
