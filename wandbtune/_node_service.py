@@ -240,7 +240,10 @@ def current() -> Optional[Any]:
 
 def release(run_id: str) -> None:
     """Before an attempt of ``run_id`` starts: have every node's actor end
-    what an earlier attempt left open (bounded)."""
+    what an earlier attempt left open (bounded). Nothing to ask where this
+    wandb cannot hand a run over: no trial uses the actors then."""
+    if not _compat.wandb_can_hand_over():
+        return
     try:
         import ray
 
