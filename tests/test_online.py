@@ -554,6 +554,66 @@ def test_a_trials_end_never_waits_for_its_uploads(online, tmp_path):
         assert stored is not None and stored.state == "running"
 
 
+class TrialSpan(tune.Callback):
+    """Driver time from Tune starting each trial to Tune seeing it complete.
+    Put first among the callbacks: whatever a later callback does in Tune's
+    loop (waiting for W&B) is inside the span."""
+
+    def __init__(self) -> None:
+        self.started: dict[str, float] = {}
+        self.took: dict[str, float] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"started": {}, "took": {}}
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.started[trial.trial_id] = time.monotonic()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.took[trial.trial_id] = time.monotonic() - self.started[trial.trial_id]
+
+
+def five_quick_reports(config):
+    for i in range(1, 6):
+        report({"score": i})
+
+
+def test_the_callback_never_holds_tunes_loop_for_w_and_b(online, tmp_path):
+    # Every request to the server takes ROUND_TRIP_S here (the proxy waits
+    # half of it each way): starting a run takes several. The trial's five
+    # reports take a fraction of that; a callback that started (or logged to,
+    # or finished) a run in Tune's loop would hold the trial at least one
+    # round trip (checked: with the trial's run started and fed in the loop
+    # the trial took 4.7 s; with the experiment's run started there, 12.9 s).
+    # The runs are complete on the server when fit() returns all the same.
+    round_trip_s = 2.0
+    online.proxy.reset()
+    online.proxy.set_latency(round_trip_s / 2)
+    span = TrialSpan()
+    try:
+        results = fit(
+            five_quick_reports,
+            tmp_path,
+            name="offloop",
+            callbacks=[
+                span,
+                WandbLoggerCallback(project="online-offloop", **with_key()),
+            ],
+        )
+    finally:
+        online.proxy.reset()
+    assert len(results) == 1 and not results.errors
+    assert len(span.took) == 1
+    assert list(span.took.values())[0] < round_trip_s, span.took
+    stored = online.store.runs("online-offloop")
+    (result,) = results
+    assert len(stored) == 2, stored  # the trial's run and the experiment's
+    run = stored[trial_id(result)]
+    assert run.state == "finished"
+    assert online.store.column(run.run_id, "score") == [1, 2, 3, 4, 5]
+    assert all(r.state == "finished" for r in stored.values())
+
+
 # --- e) a rejected key ---------------------------------------------------------------
 
 

@@ -461,6 +461,7 @@ class ExperimentLog:
         self._setup = TuneSetup(metric=self._metric_arg, mode=self._mode_arg)
         self._info: dict[str, Any] = {}
         self._run: Any = None
+        self._starting: Optional[_RunStart] = None
         self._off = False
         self._warned = False
         self._finished = False
@@ -509,7 +510,8 @@ class ExperimentLog:
 
     @property
     def run(self) -> Any:
-        """The experiment's W&B run (None before the first trial starts)."""
+        """The experiment's W&B run (None until it has started: it starts on a
+        thread with the first trial, and Tune's next event takes it)."""
         return self._run
 
     @_guarded
@@ -539,8 +541,7 @@ class ExperimentLog:
         trial_id = trial.trial_id
         if trial_id not in self._order:
             self._see(trial)
-        if self._run is None and not self._ensure_run(trial):
-            return
+        self._ensure_run(trial)  # to start it, or to take it once started
         self._results += 1
         self._dirty = True
         metric = self._setup.metric
@@ -548,7 +549,8 @@ class ExperimentLog:
             value = _lookup(result, metric)
             if _is_number(value):
                 self._update_best(trial_id, float(value))
-        self._maybe_relog()
+        if self._run is not None:
+            self._maybe_relog()
 
     @_guarded
     def on_trial_complete(self, trial: Any) -> None:
@@ -563,7 +565,7 @@ class ExperimentLog:
     @_guarded
     def on_step_end(self) -> None:
         """Once per step of Tune's loop: logs the table again if it is due."""
-        if self._dirty and self._run is not None and not self._off:
+        if self._dirty and not self._off and self._ensure_run(None):
             self._maybe_relog()
 
     @_guarded
@@ -580,7 +582,7 @@ class ExperimentLog:
         for trial in trials:
             if trial.trial_id not in self._order:
                 self._see(trial)
-        if self._run is None and (not trials or not self._ensure_run(trials[0])):
+        if not self._ensure_run(trials[0] if trials else None, wait=True):
             return
         self._all = trials
         self._finished = True
@@ -619,42 +621,73 @@ class ExperimentLog:
 
     # --- the run -----------------------------------------------------------
 
-    def _ensure_run(self, trial: Any) -> bool:
+    def _ensure_run(self, trial: Any, *, wait: bool = False) -> bool:
+        """True once the run has started. It starts off Tune's loop (online,
+        a start waits for W&B's server, and the driver's first imports
+        wandb): the first call with a trial starts it on a thread, later calls
+        take it once it is there; ``wait``: wait for it (the experiment's
+        end)."""
         if self._run is not None:
             return True
         if self._off:
             return False
-        storage = getattr(trial, "storage", None)
-        name = _compat.experiment_name(storage) or "tune-experiment"
-        try:
-            settings = _like_the_trials(self._settings, trial)
-            settings = replace(
-                settings, init_kwargs={**settings.init_kwargs, "job_type": JOB_TYPE}
-            )
-            self._run = start_run(
-                settings,
-                exclusive=False,
-                trial_id=_run_id(storage, name),
-                trial_name=name,
-                experiment=name,
-                config=self._run_config(),
-                dir=_compat.storage_experiment_dir(storage),
-            )
-        except Exception as exc:  # noqa: BLE001 - Tune goes on without it
+        if self._starting is None:
+            if trial is None:
+                return False
+            try:
+                self._starting = self._start(trial)
+            except Exception as exc:  # noqa: BLE001 - Tune goes on without it
+                self._off = True
+                self._trouble(f"W&B could not start it ({type(exc).__name__}: {exc})")
+                return False
+        if wait:
+            self._starting.join(START_WAIT_S)
+        if self._starting.is_alive() and not wait:
+            return False
+        starting, self._starting = self._starting, None
+        if starting.run is None:
             self._off = True
             if "wandb" in sys.modules and _compat.wandb_open_runs() == 0:
                 flush_wandb(OUTAGE_TEARDOWN_S, warn=False)
-            why = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            error = starting.error
+            why = (
+                f"{type(error).__name__}: {error}".splitlines()[0][:300]
+                if error is not None
+                else f"no run after {START_WAIT_S:.0f} s"
+            )
             self._trouble(f"W&B could not start it ({why})")
             return False
+        self._run = starting.run
         metric = self._setup.metric
         if metric:
             try:
                 self._run.define_metric(RESULTS_KEY)
                 self._run.define_metric(f"best/{metric}", step_metric=RESULTS_KEY)
+                if self._best is not None:  # found while the run started
+                    self._run.log(
+                        {f"best/{metric}": self._best[1], RESULTS_KEY: self._results}
+                    )
             except Exception as exc:  # noqa: BLE001
                 logger.debug("wandbtune: define_metric failed: %r", exc)
+        self._dirty = True
         return True
+
+    def _start(self, trial: Any) -> _RunStart:
+        storage = getattr(trial, "storage", None)
+        name = _compat.experiment_name(storage) or "tune-experiment"
+        settings = _like_the_trials(self._settings, trial)
+        settings = replace(
+            settings, init_kwargs={**settings.init_kwargs, "job_type": JOB_TYPE}
+        )
+        return _RunStart(
+            settings,
+            exclusive=False,
+            trial_id=_run_id(storage, name),
+            trial_name=name,
+            experiment=name,
+            config=self._run_config(),
+            dir=_compat.storage_experiment_dir(storage),
+        )
 
     def _run_config(self) -> dict[str, Any]:
         setup = self._setup
@@ -712,7 +745,7 @@ class ExperimentLog:
         if trial.trial_id not in self._order:
             self._see(trial)
         self._dirty = True
-        if self._run is not None and not self._off:
+        if not self._off and self._ensure_run(None):
             self._maybe_relog()
 
     def _config_of(self, config: Any) -> dict[str, Any]:
@@ -751,7 +784,7 @@ class ExperimentLog:
                     self._best = self._best_of_last()
             elif value == best[1] and self._order[trial_id] < self._order[best[0]]:
                 self._best = (trial_id, value)  # Tune keeps the first of equals
-        if self._best is not None and self._best != best:
+        if self._run is not None and self._best is not None and self._best != best:
             self._run.log(
                 {
                     f"best/{self._setup.metric}": self._best[1],
@@ -1040,6 +1073,40 @@ def _retag(
     kept = [t for t in tags if t in wanted]
     new = [*kept, *sorted(wanted - set(tags))]
     _compat.wandb_api_graphql(api, _SET_RUN_TAGS, {**where, "tags": new})
+
+
+#: How long the experiment's end waits for its run to start (W&B's own
+#: init_timeout bounds a start; this bounds a start that hangs).
+START_WAIT_S = 60.0
+
+
+class _RunStart:
+    """``start_run`` on a thread of its own: ``run`` or ``error`` once it has
+    ended."""
+
+    def __init__(self, settings: Settings, **kwargs: Any) -> None:
+        self.run: Any = None
+        self.error: Optional[BaseException] = None
+        self._thread = threading.Thread(
+            target=self._start,
+            args=(settings,),
+            kwargs=kwargs,
+            name="wandbtune-experiment-run",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def _start(self, settings: Settings, **kwargs: Any) -> None:
+        try:
+            self.run = start_run(settings, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - taken in Tune's thread
+            self.error = exc
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
 
 
 class ExperimentRun(Callback):  # type: ignore[misc]

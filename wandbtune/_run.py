@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -86,8 +87,6 @@ def start_run(
     to the node's W&B service if there is one (``_node_service``), else to
     one of this process's own.
     """
-    import wandb
-
     kwargs = init_kwargs(settings, require_project=require_project, **trial)
     key = None if settings.offline() else settings.read_api_key()
     kwargs["settings"] = _wandb_settings(
@@ -95,6 +94,28 @@ def start_run(
         key,
         base_url=settings.environ.get("WANDB_BASE_URL"),
     )
+    with _DRIVER_INITS if not exclusive else contextlib.nullcontext():
+        return _init(
+            settings, kwargs, key, exclusive=exclusive, node_service=node_service
+        )
+
+
+#: Runs side by side in one process (the callback's, the experiment's) start
+#: on more than one thread: one at a time (wandb 0.19's first ``wandb.init``
+#: in a process starts its service without a lock).
+_DRIVER_INITS = threading.Lock()
+
+
+def _init(
+    settings: Settings,
+    kwargs: dict[str, Any],
+    key: str | None,
+    *,
+    exclusive: bool,
+    node_service: bool,
+) -> Any:
+    import wandb
+
     if key:
         _compat.wandb_use_key(key)
     node = None

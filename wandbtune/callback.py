@@ -4,27 +4,18 @@
 from __future__ import annotations
 
 import logging
-import queue
 import sys
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, Optional
 
 from ray.tune.logger import LoggerCallback
 
 from wandbtune import _compat
+from wandbtune._callback_runs import CallbackRuns
 from wandbtune._experiment import ExperimentLog, TrialOutcomes, tune_setup
 from wandbtune._mixin import WandbTrainableMixin
-from wandbtune._run import (
-    ERROR,
-    FINISH_TIMEOUT_S,
-    INTERRUPTED,
-    Outcome,
-    TrialRun,
-    flush_wandb,
-    start_or_warn,
-)
+from wandbtune._run import ERROR, INTERRUPTED, Outcome, flush_wandb, init_kwargs
 from wandbtune._settings import ConfigError, Settings
 
 __all__ = ["WandbLoggerCallback"]
@@ -81,8 +72,7 @@ class WandbLoggerCallback(LoggerCallback):  # type: ignore[misc]
         )
         self._settings = replace(self._settings, ship_environ=False)
         self._settings.check_init_kwargs("WandbLoggerCallback")
-        self._runs: dict[str, TrialRun] = {}
-        self._finisher = _Finisher()
+        self._runs = CallbackRuns()
         self._skipped: set[str] = set()
         #: The experiment's own run (and how each trial ended), on by default.
         self._experiment: Optional[ExperimentLog] = None
@@ -158,6 +148,7 @@ class WandbLoggerCallback(LoggerCallback):  # type: ignore[misc]
         super().on_trial_error(iteration, trials, trial, **info)
 
     def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        self._runs.raise_failure()
         super().on_step_end(iteration, trials, **info)
         if self._experiment is not None:
             self._experiment.on_step_end()
@@ -178,12 +169,12 @@ class WandbLoggerCallback(LoggerCallback):  # type: ignore[misc]
         # no key and no live runs go with it.
         state = self.__dict__.copy()
         state["_settings"] = replace(self._settings, api_key=None)
-        state["_runs"] = {}
         return state
 
     def log_trial_start(self, trial: Any) -> None:
+        self._runs.raise_failure()
         trial_id = trial.trial_id
-        if trial_id in self._runs or trial_id in self._skipped:
+        if self._runs.is_open(trial_id) or trial_id in self._skipped:
             return
         if _is_decorated(trial):
             self._skipped.add(trial_id)
@@ -193,33 +184,24 @@ class WandbLoggerCallback(LoggerCallback):  # type: ignore[misc]
                 trial,
             )
             return
+        # Bad settings raise here, on the driver, before every trial fails;
+        # the run itself starts off Tune's loop.
         settings = self._settings.check_trial_config(trial.config)
         storage = getattr(trial, "storage", None)
-        # Should Tune start a trial again after telling its end (a retry is
-        # told as on_trial_recover, and the run stays open), the earlier run
-        # (same id) must be finished first.
-        self._finisher.wait_for(trial_id, FINISH_TIMEOUT_S)
-        # Bad settings raise here, on the driver, before every trial fails.
-        run = start_or_warn(
-            settings,
-            exclusive=False,
-            trial_id=trial_id,
+        run_args = dict(
             trial_name=str(trial),
             experiment=_compat.experiment_name(storage),
             config=trial.config,
             dir=_compat.storage_trial_dir(storage),
         )
-        if run is None:
-            self._skipped.add(trial_id)
-        else:
-            self._runs[trial_id] = run
+        init_kwargs(settings, trial_id=trial_id, **run_args)
+        self._runs.start(trial_id, settings, **run_args)
 
     def log_trial_result(
         self, iteration: int, trial: Any, result: dict[str, Any]
     ) -> None:
-        run = self._runs.get(trial.trial_id)
-        if run is not None:
-            run.log_result(result)
+        self._runs.raise_failure()
+        self._runs.log_result(trial.trial_id, result)
 
     def on_checkpoint(
         self,
@@ -229,26 +211,17 @@ class WandbLoggerCallback(LoggerCallback):  # type: ignore[misc]
         checkpoint: Any,
         **info: Any,
     ) -> None:
-        run = self._runs.get(trial.trial_id)
-        if run is not None:
+        if self._settings.upload_checkpoints:
             last = getattr(trial, "last_result", None) or {}
-            run.log_checkpoint(checkpoint, last.get("training_iteration"))
+            self._runs.log_checkpoint(
+                trial.trial_id, checkpoint, last.get("training_iteration")
+            )
 
     def log_trial_end(self, trial: Any, failed: bool = False) -> None:
-        run = self._runs.pop(trial.trial_id, None)
-        if run is not None:
-            run.record_outcome(_outcome(trial, self._outcomes.get(trial.trial_id)))
-            self._finish(run, failed)
-
-    def _finish(self, run: TrialRun, failed: bool) -> None:
-        """Finish a trial's run. Online, that waits for W&B's uploads (about
-        a second a run against a server 40 ms away): the wait happens on a
-        thread of its own, not in Tune's loop; the end of the experiment
-        waits for it. Offline, finishing is CPU only: done here."""
-        if run.settings.offline() or run.settings.mode() == "disabled":
-            run.finish(failed=failed)
-        else:
-            self._finisher.submit(str(run.run.id), lambda: run.finish(failed=failed))
+        trial_id = trial.trial_id
+        if self._runs.is_open(trial_id):
+            outcome = _outcome(trial, self._outcomes.get(trial_id))
+            self._runs.end(trial_id, outcome, failed)
 
     def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
         # Trials still running here were interrupted (Tuner.fit() stopped):
@@ -256,79 +229,21 @@ class WandbLoggerCallback(LoggerCallback):  # type: ignore[misc]
         # holding everything Tune received; Tuner.restore resumes them.
         outcomes = self._outcomes.end(trials)
         by_id = {trial.trial_id: trial for trial in trials}
-        for trial_id in list(self._runs):
-            run = self._runs.pop(trial_id)
-            run.record_outcome(_outcome(by_id.get(trial_id), outcomes.get(trial_id)))
-            self._finish(run, failed=False)
-        self._finisher.close(FINISH_TIMEOUT_S)
-        if self._experiment is not None:
-            self._experiment.on_experiment_end(trials, flush=False)
+        for trial_id in self._runs.open_trials():
+            outcome = _outcome(by_id.get(trial_id), outcomes.get(trial_id))
+            self._runs.end(trial_id, outcome, failed=False)
+        try:
+            if self._experiment is not None:
+                # While the trials' runs are finished on their threads.
+                self._experiment.on_experiment_end(trials, flush=False)
+        finally:
+            self._runs.close()
         if "wandb" in sys.modules and _compat.wandb_open_runs() == 0:
             # No run of the user's is open in this process either: wait until
             # W&B's service has written everything before fit() returns.
             # (With one open, shutting the service down would end it too.)
             flush_wandb()
-
-
-class _Finisher:
-    """A thread that finishes runs one after the other, started with the
-    first and ended by ``close``."""
-
-    def __init__(self) -> None:
-        self._tasks: queue.Queue[
-            Optional[tuple[str, threading.Event, Callable[[], None]]]
-        ] = queue.Queue()
-        self._thread: Optional[threading.Thread] = None
-        #: run id -> set when that run is finished
-        self._pending: dict[str, threading.Event] = {}
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_Finisher, ())  # pickled with the callback: a new, idle one
-
-    def submit(self, run_id: str, finish: Callable[[], None]) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._loop, name="wandbtune-finish", daemon=True
-            )
-            self._thread.start()
-        done = self._pending[run_id] = threading.Event()
-        self._tasks.put((run_id, done, finish))
-
-    def wait_for(self, run_id: str, timeout: float) -> None:
-        """Wait until the run ``run_id`` is finished, if it is being."""
-        done = self._pending.get(run_id)
-        if done is not None:
-            done.wait(timeout)
-
-    def close(self, timeout: float) -> None:
-        """Wait until every run submitted is finished (at most ``timeout``:
-        each finish is bounded by W&B's ``finish_timeout``), then end."""
-        thread, self._thread = self._thread, None
-        if thread is None:
-            return
-        self._tasks.put(None)
-        thread.join(timeout)
-        if thread.is_alive():
-            logger.warning(
-                "wandbtune: W&B runs were still being finished after %.0f s; "
-                "what they wrote is on disk for `wandb sync`.",
-                timeout,
-            )
-
-    def _loop(self) -> None:
-        while True:
-            task = self._tasks.get()
-            if task is None:
-                return
-            run_id, done, finish = task
-            try:
-                finish()
-            except Exception:  # noqa: BLE001 - TrialRun.finish never raises
-                logger.exception("wandbtune: internal error finishing a run")
-            finally:
-                if self._pending.get(run_id) is done:
-                    del self._pending[run_id]
-                done.set()
+        self._runs.raise_failure()
 
 
 def _outcome(trial: Any, name: Optional[str]) -> Outcome:
