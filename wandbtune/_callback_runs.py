@@ -24,18 +24,23 @@ from wandbtune._settings import Settings
 
 logger = logging.getLogger("wandbtune")
 
+#: At most this many runs are finished (their uploads waited for) at once.
+FINISHING_AT_ONCE = 16
+
 
 class CallbackRuns:
     """One W&B run per trial, fed from Tune's loop without waiting for W&B.
 
     Tune's thread calls ``start``, ``log_result``, ``log_checkpoint``, ``end``
-    and ``close``; whatever W&B raises that must stop the experiment (bad
-    settings, or ``strict``) is raised there by ``raise_failure``.
+    and ``close``. The first error of a run's start that must stop the
+    experiment (bad settings, or a W&B failure with ``strict``) is raised
+    there by ``raise_failure``, once; no run is started after it.
     """
 
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[Optional[tuple[Any, ...]]] = queue.SimpleQueue()
+        self._queue: _Items = queue.SimpleQueue()
         self._feeder: Optional[threading.Thread] = None
+        self._finish_slots = threading.BoundedSemaphore(FINISHING_AT_ONCE)
         #: Tune's thread: trials whose run was asked for and not yet ended.
         self._open: set[str] = set()
         #: The feeder's: the started runs, by trial id.
@@ -43,6 +48,10 @@ class CallbackRuns:
         #: The feeder's: trial id -> the thread finishing that trial's last run.
         self._finishing: dict[str, threading.Thread] = {}
         self._failure: Optional[BaseException] = None
+        self._failed = False
+        #: A start failed because of W&B (an outage): its service may be left
+        #: retrying, for the callback to stop at the experiment's end.
+        self.saw_outage = False
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (CallbackRuns, ())  # pickled with the callback: new and idle
@@ -65,8 +74,9 @@ class CallbackRuns:
             self._put("result", trial_id, dict(result))
 
     def log_checkpoint(self, trial_id: str, checkpoint: Any, iteration: Any) -> None:
-        """Log a checkpoint as an artifact, and wait until that is done: Tune
-        may delete the checkpoint's files once this returns."""
+        """Log a checkpoint as an artifact, and wait until that (and what was
+        queued before it) is done: Tune may delete the checkpoint's files once
+        this returns."""
         if trial_id in self._open:
             done = threading.Event()
             self._put("checkpoint", trial_id, checkpoint, iteration, done)
@@ -101,25 +111,29 @@ class CallbackRuns:
             )
 
     def raise_failure(self) -> None:
-        """Raise, once, what a run's start raised that must stop the
-        experiment (bad settings, or a W&B failure with ``strict``)."""
+        """Raise the error that stops the experiment, if there is one (once)."""
         failure, self._failure = self._failure, None
         if failure is not None:
             raise failure
 
     def _put(self, *item: Any) -> None:
         if self._feeder is None:
+            # A queue per feeder: one a timed-out close left behind keeps its.
+            self._queue = queue.SimpleQueue()
             self._feeder = threading.Thread(
-                target=self._feed, name="wandbtune-callback-runs", daemon=True
+                target=self._feed,
+                args=(self._queue,),
+                name="wandbtune-callback-runs",
+                daemon=True,
             )
             self._feeder.start()
         self._queue.put(item)
 
     # --- the feeder thread --------------------------------------------------------
 
-    def _feed(self) -> None:
+    def _feed(self, items: _Items) -> None:
         while True:
-            item = self._queue.get()
+            item = items.get()
             if item is None:
                 return
             what, trial_id, *args = item
@@ -134,13 +148,25 @@ class CallbackRuns:
         earlier = self._finishing.get(trial_id)
         if earlier is not None:
             earlier.join(FINISH_TIMEOUT_S)
+        if self._failed:
+            return  # the experiment is stopping: no more runs
         try:
-            run = start_or_warn(settings, exclusive=False, trial_id=trial_id, **trial)
+            # No teardown after an outage here: other threads' runs may be
+            # finishing; the callback stops the service at the end.
+            run = start_or_warn(
+                settings,
+                exclusive=False,
+                outage_teardown=False,
+                trial_id=trial_id,
+                **trial,
+            )
         except Exception as exc:  # noqa: BLE001 - raised in Tune's thread
-            if self._failure is None:
-                self._failure = exc
+            self._failed = True
+            self._failure = exc
             return
-        if run is not None:
+        if run is None:
+            self.saw_outage = True
+        else:
             self._runs[trial_id] = run
 
     def _result(self, trial_id: str, result: dict[str, Any]) -> None:
@@ -166,14 +192,16 @@ class CallbackRuns:
         if run.settings.offline() or run.settings.mode() == "disabled":
             run.finish(failed=failed)  # CPU only: no waiting to move away
             return
+
+        def finish() -> None:
+            with self._finish_slots:
+                run.finish(failed=failed)
+
         thread = threading.Thread(
-            target=run.finish,
-            kwargs={"failed": failed},
-            name=f"wandbtune-finish-{trial_id}",
-            daemon=True,
+            target=finish, name=f"wandbtune-finish-{trial_id}", daemon=True
         )
-        self._finishing[trial_id] = thread
         thread.start()
+        self._finishing[trial_id] = thread
 
     _do: dict[str, Callable[..., None]] = {
         "start": _start,
@@ -181,3 +209,6 @@ class CallbackRuns:
         "checkpoint": _checkpoint,
         "end": _end,
     }
+
+
+_Items = queue.SimpleQueue[Optional[tuple[Any, ...]]]

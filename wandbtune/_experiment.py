@@ -70,7 +70,7 @@ from ray.tune import Callback
 
 from wandbtune import _compat
 from wandbtune._row import clean, flatten, is_excluded
-from wandbtune._run import OUTAGE_TEARDOWN_S, flush_wandb, start_run
+from wandbtune._run import flush_wandb, start_run, stop_service_after_outage
 from wandbtune._settings import CONFIG_KEY, GROUP_ENV_VAR, ConfigError, Settings
 
 __all__ = [
@@ -436,6 +436,7 @@ class ExperimentLog:
         metric_mode: Optional[str] = None,
         table_interval_s: float = TABLE_INTERVAL_S,
         where: str = "ExperimentRun",
+        outage_teardown: bool = True,
     ) -> None:
         if metric is not None and not isinstance(metric, str):
             raise ConfigError(f"{where}: metric must be a string, got {metric!r}.")
@@ -454,6 +455,9 @@ class ExperimentLog:
         self._metric_arg = metric
         self._mode_arg = metric_mode
         self._interval = float(table_interval_s)
+        #: Stop W&B's service when the run cannot start (False: the owner
+        #: does that at the experiment's end).
+        self._outage_teardown = outage_teardown
         self._reset()
 
     def _reset(self) -> None:
@@ -474,6 +478,8 @@ class ExperimentLog:
         self._last: dict[str, float] = {}  # last value of the metric per trial
         self._order: dict[str, int] = {}
         self._best: Optional[tuple[str, float]] = None
+        #: Rows of the best-so-far curve from before the run had started.
+        self._early_best: list[dict[str, Any]] = []
         self._dirty = False
         self._logged_at = -math.inf
         self._exploits: list[list[Any]] = []
@@ -492,6 +498,7 @@ class ExperimentLog:
             "_metric_arg": self._metric_arg,
             "_mode_arg": self._mode_arg,
             "_interval": self._interval,
+            "_outage_teardown": self._outage_teardown,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -645,10 +652,11 @@ class ExperimentLog:
         if self._starting.is_alive() and not wait:
             return False
         starting, self._starting = self._starting, None
-        if starting.run is None:
+        run = starting.take()
+        if run is None:
             self._off = True
-            if "wandb" in sys.modules and _compat.wandb_open_runs() == 0:
-                flush_wandb(OUTAGE_TEARDOWN_S, warn=False)
+            if self._outage_teardown:
+                stop_service_after_outage()
             error = starting.error
             why = (
                 f"{type(error).__name__}: {error}".splitlines()[0][:300]
@@ -657,16 +665,19 @@ class ExperimentLog:
             )
             self._trouble(f"W&B could not start it ({why})")
             return False
-        self._run = starting.run
+        self._run = run
+        if starting.api_key:
+            # wandb 0.19's client-side API calls (a table asks the server
+            # about its artifact type) take the key of the thread that logs.
+            _compat.wandb_use_key(starting.api_key)
         metric = self._setup.metric
         if metric:
             try:
                 self._run.define_metric(RESULTS_KEY)
                 self._run.define_metric(f"best/{metric}", step_metric=RESULTS_KEY)
-                if self._best is not None:  # found while the run started
-                    self._run.log(
-                        {f"best/{metric}": self._best[1], RESULTS_KEY: self._results}
-                    )
+                early, self._early_best = self._early_best, []
+                for row in early:  # found while the run started
+                    self._run.log(row)
             except Exception as exc:  # noqa: BLE001
                 logger.debug("wandbtune: define_metric failed: %r", exc)
         self._dirty = True
@@ -784,13 +795,15 @@ class ExperimentLog:
                     self._best = self._best_of_last()
             elif value == best[1] and self._order[trial_id] < self._order[best[0]]:
                 self._best = (trial_id, value)  # Tune keeps the first of equals
-        if self._run is not None and self._best is not None and self._best != best:
-            self._run.log(
-                {
-                    f"best/{self._setup.metric}": self._best[1],
-                    RESULTS_KEY: self._results,
-                }
-            )
+        if self._best is not None and self._best != best:
+            row = {
+                f"best/{self._setup.metric}": self._best[1],
+                RESULTS_KEY: self._results,
+            }
+            if self._run is None:
+                self._early_best.append(row)  # logged once the run has started
+            else:
+                self._run.log(row)
 
     def _best_of_last(self) -> Optional[tuple[str, float]]:
         best: Optional[tuple[str, float]] = None
@@ -1075,18 +1088,22 @@ def _retag(
     _compat.wandb_api_graphql(api, _SET_RUN_TAGS, {**where, "tags": new})
 
 
-#: How long the experiment's end waits for its run to start (W&B's own
-#: init_timeout bounds a start; this bounds a start that hangs).
+#: How long the experiment's end waits for its run to start (W&B's
+#: init_timeout bounds a start, which may also wait behind the callback's
+#: trial runs' starts). A run that starts later is finished at once.
 START_WAIT_S = 60.0
 
 
 class _RunStart:
-    """``start_run`` on a thread of its own: ``run`` or ``error`` once it has
-    ended."""
+    """``start_run`` on a thread of its own; ``take()`` the run once the
+    thread has ended (a run that starts after a ``take()`` is finished)."""
 
     def __init__(self, settings: Settings, **kwargs: Any) -> None:
-        self.run: Any = None
         self.error: Optional[BaseException] = None
+        self.api_key = None if settings.offline() else settings.read_api_key()
+        self._run: Any = None
+        self._taken = False
+        self._lock = threading.Lock()
         self._thread = threading.Thread(
             target=self._start,
             args=(settings,),
@@ -1098,9 +1115,20 @@ class _RunStart:
 
     def _start(self, settings: Settings, **kwargs: Any) -> None:
         try:
-            self.run = start_run(settings, **kwargs)
+            run = start_run(settings, **kwargs)
         except BaseException as exc:  # noqa: BLE001 - taken in Tune's thread
             self.error = exc
+            return
+        with self._lock:
+            late = self._taken
+            self._run = run
+        if late:  # the experiment ended without it
+            run.finish()
+
+    def take(self) -> Any:
+        with self._lock:
+            self._taken = True
+            return self._run
 
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)

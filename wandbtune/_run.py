@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -196,18 +197,20 @@ def _wandb_settings(
     return user.model_copy(update=extra) if extra else user
 
 
-def start_or_warn(settings: Settings, **trial: Any) -> TrialRun | None:
+def start_or_warn(
+    settings: Settings, *, outage_teardown: bool = True, **trial: Any
+) -> TrialRun | None:
     """Start a trial's run; if W&B cannot, warn once and return None (or raise
-    when ``strict``). Bad settings (ConfigError) always raise."""
+    when ``strict``). Bad settings (ConfigError) always raise.
+    ``outage_teardown``: when W&B could not start the run and no run is open,
+    stop W&B's service (the caller may do that later itself instead)."""
     try:
         return TrialRun.start(settings, **trial)
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001 - a W&B outage never stops training
-        if _compat.wandb_open_runs() == 0:
-            # Nothing to write, and a service that cannot reach W&B may go on
-            # retrying (using CPU, or holding the trial at its end): stop it.
-            flush_wandb(OUTAGE_TEARDOWN_S, warn=False)
+        if outage_teardown:
+            stop_service_after_outage()
         if settings.strict:
             raise
         logger.warning(
@@ -218,6 +221,16 @@ def start_or_warn(settings: Settings, **trial: Any) -> TrialRun | None:
             f"{type(exc).__name__}: {exc}".splitlines()[0][:300],
         )
         return None
+
+
+def stop_service_after_outage() -> None:
+    """After W&B could not start a run: if no run is open in this process,
+    stop W&B's service (nothing to write, and a service that cannot reach W&B
+    may go on retrying, using CPU, or holding the trial at its end). Not while
+    another thread of this process starts a run."""
+    with _DRIVER_INITS:
+        if "wandb" in sys.modules and _compat.wandb_open_runs() == 0:
+            flush_wandb(OUTAGE_TEARDOWN_S, warn=False)
 
 
 #: Run summary keys for how a trial ended (``tune/outcome``: one of

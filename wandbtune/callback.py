@@ -15,7 +15,14 @@ from wandbtune import _compat
 from wandbtune._callback_runs import CallbackRuns
 from wandbtune._experiment import ExperimentLog, TrialOutcomes, tune_setup
 from wandbtune._mixin import WandbTrainableMixin
-from wandbtune._run import ERROR, INTERRUPTED, Outcome, flush_wandb, init_kwargs
+from wandbtune._run import (
+    ERROR,
+    INTERRUPTED,
+    OUTAGE_TEARDOWN_S,
+    Outcome,
+    flush_wandb,
+    init_kwargs,
+)
 from wandbtune._settings import ConfigError, Settings
 
 __all__ = ["WandbLoggerCallback"]
@@ -74,6 +81,8 @@ class WandbLoggerCallback(LoggerCallback):  # type: ignore[misc]
         self._settings.check_init_kwargs("WandbLoggerCallback")
         self._runs = CallbackRuns()
         self._skipped: set[str] = set()
+        #: Trials whose settings say upload_checkpoints.
+        self._uploads: set[str] = set()
         #: The experiment's own run (and how each trial ended), on by default.
         self._experiment: Optional[ExperimentLog] = None
         self._outcomes = TrialOutcomes()
@@ -83,6 +92,7 @@ class WandbLoggerCallback(LoggerCallback):  # type: ignore[misc]
                 metric=metric,
                 metric_mode=metric_mode,
                 where="WandbLoggerCallback",
+                outage_teardown=False,  # the callback's end stops the service
             )
             self._outcomes = self._experiment.outcomes
         self._metric = (metric, metric_mode)
@@ -172,7 +182,6 @@ class WandbLoggerCallback(LoggerCallback):  # type: ignore[misc]
         return state
 
     def log_trial_start(self, trial: Any) -> None:
-        self._runs.raise_failure()
         trial_id = trial.trial_id
         if self._runs.is_open(trial_id) or trial_id in self._skipped:
             return
@@ -195,12 +204,15 @@ class WandbLoggerCallback(LoggerCallback):  # type: ignore[misc]
             dir=_compat.storage_trial_dir(storage),
         )
         init_kwargs(settings, trial_id=trial_id, **run_args)
+        if not settings.offline():
+            settings.read_api_key()  # a missing key file, named now
+        if settings.upload_checkpoints:
+            self._uploads.add(trial_id)
         self._runs.start(trial_id, settings, **run_args)
 
     def log_trial_result(
         self, iteration: int, trial: Any, result: dict[str, Any]
     ) -> None:
-        self._runs.raise_failure()
         self._runs.log_result(trial.trial_id, result)
 
     def on_checkpoint(
@@ -211,7 +223,7 @@ class WandbLoggerCallback(LoggerCallback):  # type: ignore[misc]
         checkpoint: Any,
         **info: Any,
     ) -> None:
-        if self._settings.upload_checkpoints:
+        if trial.trial_id in self._uploads:  # the trial's own setting
             last = getattr(trial, "last_result", None) or {}
             self._runs.log_checkpoint(
                 trial.trial_id, checkpoint, last.get("training_iteration")
@@ -242,7 +254,9 @@ class WandbLoggerCallback(LoggerCallback):  # type: ignore[misc]
             # No run of the user's is open in this process either: wait until
             # W&B's service has written everything before fit() returns.
             # (With one open, shutting the service down would end it too.)
-            flush_wandb()
+            # After an outage, every run is finished: a service left retrying
+            # is stopped soon.
+            flush_wandb(OUTAGE_TEARDOWN_S if self._runs.saw_outage else None)
         self._runs.raise_failure()
 
 
