@@ -46,10 +46,9 @@ class CallbackRuns:
         self._queue: _Items = queue.SimpleQueue()
         self._feeder: Optional[threading.Thread] = None
         self._finish_slots = threading.BoundedSemaphore(FINISHING_AT_ONCE)
-        #: Tune's thread: trials whose run was asked for and not yet ended.
-        self._open: set[str] = set()
-        #: Tune's thread: those of them whose run is fed in Tune's thread.
-        self._inline: set[str] = set()
+        #: Tune's thread: trials whose run was asked for and not yet ended,
+        #: and whether it is fed in Tune's thread (offline) or queued.
+        self._open: dict[str, bool] = {}
         #: The feeder's: the started runs, by trial id.
         self._runs: dict[str, TrialRun] = {}
         #: The feeder's: trial id -> the thread finishing that trial's last run.
@@ -73,34 +72,31 @@ class CallbackRuns:
 
     def start(self, trial_id: str, settings: Settings, **trial: Any) -> None:
         """Start the trial's run (``trial``: ``start_or_warn``'s arguments)."""
-        self._open.add(trial_id)
-        if settings.offline() or settings.mode() == "disabled":
-            self._inline.add(trial_id)
-        else:
-            self._inline.discard(trial_id)
-        self._put("start", trial_id, settings, trial)
+        inline = self._open[trial_id] = settings.offline()
+        self._put(inline, "start", trial_id, settings, trial)
 
     def log_result(self, trial_id: str, result: dict[str, Any]) -> None:
-        if trial_id in self._open:
-            self._put("result", trial_id, dict(result))
+        inline = self._open.get(trial_id)
+        if inline is not None:
+            self._put(inline, "result", trial_id, dict(result))
 
     def log_checkpoint(self, trial_id: str, checkpoint: Any, iteration: Any) -> None:
         """Log a checkpoint as an artifact, and wait until that (and what was
         queued before it) is done: Tune may delete the checkpoint's files once
         this returns."""
-        if trial_id in self._open:
+        inline = self._open.get(trial_id)
+        if inline is not None:
             done = threading.Event()
-            self._put("checkpoint", trial_id, checkpoint, iteration, done)
+            self._put(inline, "checkpoint", trial_id, checkpoint, iteration, done)
             while not done.wait(0.5):
                 if self._feeder is None or not self._feeder.is_alive():
                     return
 
     def end(self, trial_id: str, outcome: Outcome, failed: bool) -> None:
         """Record how the trial ended and finish its run."""
-        if trial_id in self._open:
-            self._open.discard(trial_id)
-            self._put("end", trial_id, outcome, failed)
-            self._inline.discard(trial_id)
+        inline = self._open.pop(trial_id, None)
+        if inline is not None:
+            self._put(inline, "end", trial_id, outcome, failed)
 
     def close(self, timeout: float = FINISH_TIMEOUT_S) -> None:
         """Wait until every run asked for is started, fed and finished (at
@@ -128,8 +124,8 @@ class CallbackRuns:
         if failure is not None:
             raise failure
 
-    def _put(self, *item: Any) -> None:
-        if item[1] in self._inline:
+    def _put(self, inline: bool, *item: Any) -> None:
+        if inline:
             self._do_one(item)
             return
         if self._feeder is None:
@@ -207,8 +203,8 @@ class CallbackRuns:
         if run is None:
             return
         run.record_outcome(outcome)
-        if run.settings.offline() or run.settings.mode() == "disabled":
-            run.finish(failed=failed)  # CPU only: no waiting to move away
+        if run.settings.offline():  # disabled too: CPU only, in Tune's thread
+            run.finish(failed=failed)
             return
 
         def finish() -> None:

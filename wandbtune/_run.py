@@ -31,6 +31,19 @@ def run_config(config: Mapping[str, Any], excludes: tuple[str, ...]) -> dict[str
     return out
 
 
+def project_of(settings: Settings, trial: str | None) -> str | None:
+    """The W&B project of ``trial``'s run; ConfigError if there is none (and
+    W&B is not disabled)."""
+    project = settings.resolved_project()
+    if not project and settings.mode() != "disabled":
+        raise ConfigError(
+            f"no W&B project for trial {trial}: pass "
+            "project=... to @wandb_trainable or WandbLoggerCallback, put it in "
+            'the trial config as "wandb": {"project": ...}, or set WANDB_PROJECT.'
+        )
+    return project
+
+
 def init_kwargs(
     settings: Settings,
     *,
@@ -42,13 +55,11 @@ def init_kwargs(
     require_project: bool = True,
 ) -> dict[str, Any]:
     """The arguments for ``wandb.init`` (without the API key)."""
-    project = settings.resolved_project()
-    if not project and require_project and settings.mode() != "disabled":
-        raise ConfigError(
-            f"no W&B project for trial {trial_name or trial_id}: pass "
-            "project=... to @wandb_trainable or WandbLoggerCallback, put it in "
-            'the trial config as "wandb": {"project": ...}, or set WANDB_PROJECT.'
-        )
+    project = (
+        project_of(settings, trial_name or trial_id)
+        if require_project
+        else settings.resolved_project()
+    )
     kwargs: dict[str, Any] = {
         "project": project,
         "group": settings.group or settings.env(GROUP_ENV_VAR) or experiment,

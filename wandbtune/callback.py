@@ -21,7 +21,7 @@ from wandbtune._run import (
     OUTAGE_TEARDOWN_S,
     Outcome,
     flush_wandb,
-    init_kwargs,
+    project_of,
 )
 from wandbtune._settings import ConfigError, Settings
 
@@ -196,19 +196,20 @@ class WandbLoggerCallback(LoggerCallback):  # type: ignore[misc]
         # Bad settings raise here, on the driver, before every trial fails;
         # the run itself starts off Tune's loop.
         settings = self._settings.check_trial_config(trial.config)
+        project_of(settings, str(trial))
+        if not settings.offline():
+            settings.read_api_key()  # a missing key file, named now
+        if settings.upload_checkpoints:
+            self._uploads.add(trial_id)
         storage = getattr(trial, "storage", None)
-        run_args = dict(
+        self._runs.start(
+            trial_id,
+            settings,
             trial_name=str(trial),
             experiment=_compat.experiment_name(storage),
             config=trial.config,
             dir=_compat.storage_trial_dir(storage),
         )
-        init_kwargs(settings, trial_id=trial_id, **run_args)
-        if not settings.offline():
-            settings.read_api_key()  # a missing key file, named now
-        if settings.upload_checkpoints:
-            self._uploads.add(trial_id)
-        self._runs.start(trial_id, settings, **run_args)
 
     def log_trial_result(
         self, iteration: int, trial: Any, result: dict[str, Any]
