@@ -28,7 +28,7 @@ from tests.online_fixtures import Online, ray_worker_logs, with_key
 from tests.raycompat import Checkpoint, FailureConfig, RunConfig, get_checkpoint, report
 from tests.wandb_server import FAKE_KEY
 from wandbtune import WandbLoggerCallback, wandb_trainable
-from wandbtune._compat import wandb_can_hand_over
+from wandbtune._compat import wandb_can_hand_over, wandb_inits_side_by_side
 from wandbtune._node_actor import CANCEL_WAIT_S, DEAD_GRACE_S
 from wandbtune._node_service import DRAIN_WAIT_S
 from wandbtune._run import INIT_TIMEOUT_S, TEARDOWN_TIMEOUT_S
@@ -612,6 +612,65 @@ def test_the_callback_never_holds_tunes_loop_for_w_and_b(online, tmp_path):
     assert run.state == "finished"
     assert online.store.column(run.run_id, "score") == [1, 2, 3, 4, 5]
     assert all(r.state == "finished" for r in stored.values())
+
+
+class TrialStarts(tune.Callback):
+    """When Tune started each trial (this machine's clock, as the server's)."""
+
+    def __init__(self) -> None:
+        self.at: dict[str, float] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"at": {}}
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.at[trial.trial_id] = time.time()
+
+
+@pytest.mark.skipif(
+    not wandb_inits_side_by_side(),
+    reason="this wandb (0.19) starts runs one at a time: its first init has no lock",
+)
+def test_the_callbacks_runs_of_trials_side_by_side_start_side_by_side(online, tmp_path):
+    # Four trials run at once (half a CPU each) and every request takes
+    # round_trip_s. A run's start takes more than one request, and the server
+    # creates the run at one of them: each run must be created within a few
+    # round trips of its trial's start. Started one after the other, the last
+    # run waits for the three starts before it (checked: the last run was
+    # created 17.6 s after its trial started with one thread for all runs,
+    # 17.5 s with a thread per run but starts one at a time; 3.0-3.3 s for
+    # every run side by side).
+    round_trip_s = 2.0
+    starts = TrialStarts()
+    online.proxy.reset()
+    online.proxy.set_latency(round_trip_s / 2)
+    try:
+        results = fit(
+            tune.with_resources(five_quick_reports, {"cpu": 0.5}),
+            tmp_path,
+            {"x": tune.grid_search([1, 2, 3, 4])},
+            name="sidebyside",
+            callbacks=[
+                starts,
+                WandbLoggerCallback(
+                    project="online-side-by-side", experiment_run=False, **with_key()
+                ),
+            ],
+        )
+    finally:
+        online.proxy.reset()
+    assert len(results) == 4 and not results.errors
+    stored = online.store.runs("online-side-by-side")
+    assert len(stored) == 4, stored
+    late = {
+        run_id: round(run.created_at - starts.at[run_id], 2)
+        for run_id, run in stored.items()
+    }
+    assert all(run.state == "finished" for run in stored.values())
+    assert all(
+        online.store.column(run_id, "score") == [1, 2, 3, 4, 5] for run_id in stored
+    )
+    assert max(late.values()) < 4 * round_trip_s, late
 
 
 # --- e) a rejected key ---------------------------------------------------------------

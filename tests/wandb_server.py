@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import datetime
 import fcntl
 import hashlib
 import http.client
@@ -256,6 +257,8 @@ class StoredRun:
     config: dict[str, Any]
     summary: dict[str, Any]
     tags: list[str] = field(default_factory=list)
+    #: when the server created the run (its clock, seconds since the epoch)
+    created_at: float = 0.0
 
 
 class Store:
@@ -341,6 +344,9 @@ def _stored_run(row: sqlite3.Row) -> StoredRun:
         config=config,
         summary=json.loads(row["summary_json"] or "{}"),
         tags=json.loads(row["tags_json"] or "[]"),
+        created_at=datetime.datetime.fromisoformat(
+            row["created_at"].replace("Z", "+00:00")
+        ).timestamp(),
     )
 
 

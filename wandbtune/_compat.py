@@ -545,6 +545,19 @@ def wandb_open_runs() -> Optional[int]:
 
 
 @functools.cache
+@functools.cache
+def wandb_inits_side_by_side() -> bool:
+    """True if this wandb can start runs on several threads of one process at
+    once: its setup singleton locks the connection to its service (0.31; 0.19
+    starts the service without a lock and keeps the key process-wide)."""
+    try:
+        from wandb.sdk.wandb_setup import _WandbSetup
+
+        return "_connection_lock" in _WandbSetup.__init__.__code__.co_names
+    except Exception:  # noqa: BLE001 - then one at a time, as always safe
+        return False
+
+
 def wandb_can_hand_over() -> bool:
     """True if this wandb's service API is the one the hand-over uses."""
     try:

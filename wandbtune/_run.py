@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -106,16 +106,50 @@ def start_run(
         key,
         base_url=settings.environ.get("WANDB_BASE_URL"),
     )
-    with _DRIVER_INITS if not exclusive else contextlib.nullcontext():
+    with _DRIVER_STARTS.starting() if not exclusive else contextlib.nullcontext():
         return _init(
             settings, kwargs, key, exclusive=exclusive, node_service=node_service
         )
 
 
-#: Runs side by side in one process (the callback's, the experiment's) start
-#: on more than one thread: one at a time (wandb 0.19's first ``wandb.init``
-#: in a process starts its service without a lock).
-_DRIVER_INITS = threading.Lock()
+class _DriverStarts:
+    """Runs side by side in one process (the callback's, the experiment's)
+    start on more than one thread.
+
+    At the same time where wandb can (its setup locks its service connection;
+    online each start mostly waits for the server), else one at a time (wandb
+    0.19's first ``wandb.init`` in a process starts its service without a
+    lock, and its key is process-wide). Stopping the service after an outage
+    waits until no run is starting (``none_starting``).
+    """
+
+    def __init__(self) -> None:
+        self._one_at_a_time = threading.Lock()
+        self._changed = threading.Condition()
+        self._starting = 0
+
+    @contextlib.contextmanager
+    def starting(self) -> Iterator[None]:
+        side_by_side = _compat.wandb_inits_side_by_side()
+        with contextlib.nullcontext() if side_by_side else self._one_at_a_time:
+            with self._changed:
+                self._starting += 1
+            try:
+                yield
+            finally:
+                with self._changed:
+                    self._starting -= 1
+                    self._changed.notify_all()
+
+    @contextlib.contextmanager
+    def none_starting(self) -> Iterator[None]:
+        """No run starts while this is held."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._starting == 0)
+            yield
+
+
+_DRIVER_STARTS = _DriverStarts()
 
 
 def _init(
@@ -239,7 +273,7 @@ def stop_service_after_outage() -> None:
     stop W&B's service (nothing to write, and a service that cannot reach W&B
     may go on retrying, using CPU, or holding the trial at its end). Not while
     another thread of this process starts a run."""
-    with _DRIVER_INITS:
+    with _DRIVER_STARTS.none_starting():
         if "wandb" in sys.modules and _compat.wandb_open_runs() == 0:
             flush_wandb(OUTAGE_TEARDOWN_S, warn=False)
 
