@@ -119,8 +119,13 @@ class _DriverStarts:
     At the same time where wandb can (its setup locks its service connection;
     online each start mostly waits for the server), else one at a time (wandb
     0.19's first ``wandb.init`` in a process starts its service without a
-    lock, and its key is process-wide). Stopping the service after an outage
-    waits until no run is starting (``none_starting``).
+    lock, and its key is process-wide). Before starts go side by side, W&B is
+    set up in the process (``wandb.setup()``, once per W&B session: again
+    after a teardown): ``wandb.init`` loads the process's settings lazily,
+    without a lock, and a run whose start raced with that went to W&B's
+    default server instead of ``WANDB_BASE_URL``'s (wandb 0.31; 1 fit in 3
+    to 6 of the online benchmark's shape). Stopping the service after an
+    outage waits until no run is starting (``none_starting``).
     """
 
     def __init__(self) -> None:
@@ -131,6 +136,11 @@ class _DriverStarts:
     @contextlib.contextmanager
     def starting(self) -> Iterator[None]:
         side_by_side = _compat.wandb_inits_side_by_side()
+        with self._one_at_a_time:
+            if side_by_side and not _compat.wandb_service_connected():
+                import wandb
+
+                wandb.setup()
         with contextlib.nullcontext() if side_by_side else self._one_at_a_time:
             with self._changed:
                 self._starting += 1
