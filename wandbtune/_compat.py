@@ -545,7 +545,6 @@ def wandb_open_runs() -> Optional[int]:
 
 
 @functools.cache
-@functools.cache
 def wandb_inits_side_by_side() -> bool:
     """True if this wandb can start runs on several threads of one process at
     once: its setup singleton locks the connection to its service (0.31; 0.19
@@ -558,6 +557,7 @@ def wandb_inits_side_by_side() -> bool:
         return False
 
 
+@functools.cache
 def wandb_can_hand_over() -> bool:
     """True if this wandb's service API is the one the hand-over uses."""
     try:

@@ -106,7 +106,8 @@ def start_run(
         key,
         base_url=settings.environ.get("WANDB_BASE_URL"),
     )
-    with _DRIVER_STARTS.starting() if not exclusive else contextlib.nullcontext():
+    starting = _DRIVER_STARTS.starting(disabled=settings.mode() == "disabled")
+    with starting if not exclusive else contextlib.nullcontext():
         return _init(
             settings, kwargs, key, exclusive=exclusive, node_service=node_service
         )
@@ -124,8 +125,8 @@ class _DriverStarts:
     after a teardown): ``wandb.init`` loads the process's settings lazily,
     without a lock, and a run whose start raced with that went to W&B's
     default server instead of ``WANDB_BASE_URL``'s (wandb 0.31; 1 fit in 3
-    to 6 of the online benchmark's shape). Stopping the service after an
-    outage waits until no run is starting (``none_starting``).
+    to 6 of the online benchmark's shape). The service is not stopped after
+    an outage while a run is starting (``idle``).
     """
 
     def __init__(self) -> None:
@@ -134,29 +135,33 @@ class _DriverStarts:
         self._starting = 0
 
     @contextlib.contextmanager
-    def starting(self) -> Iterator[None]:
+    def starting(self, *, disabled: bool) -> Iterator[None]:
+        """Around one ``wandb.init`` (``disabled``: of a disabled run, which
+        needs no W&B service)."""
         side_by_side = _compat.wandb_inits_side_by_side()
-        with self._one_at_a_time:
-            if side_by_side and not _compat.wandb_service_connected():
-                import wandb
+        with self._changed:
+            self._starting += 1
+        try:
+            with self._one_at_a_time:
+                if (
+                    side_by_side
+                    and not disabled
+                    and not _compat.wandb_service_connected()
+                ):
+                    import wandb
 
-                wandb.setup()
-        with contextlib.nullcontext() if side_by_side else self._one_at_a_time:
-            with self._changed:
-                self._starting += 1
-            try:
+                    wandb.setup()
+            with contextlib.nullcontext() if side_by_side else self._one_at_a_time:
                 yield
-            finally:
-                with self._changed:
-                    self._starting -= 1
-                    self._changed.notify_all()
+        finally:
+            with self._changed:
+                self._starting -= 1
 
     @contextlib.contextmanager
-    def none_starting(self) -> Iterator[None]:
-        """No run starts while this is held."""
+    def idle(self) -> Iterator[bool]:
+        """Whether no run is starting; none starts while this is held."""
         with self._changed:
-            self._changed.wait_for(lambda: self._starting == 0)
-            yield
+            yield self._starting == 0
 
 
 _DRIVER_STARTS = _DriverStarts()
@@ -282,9 +287,11 @@ def stop_service_after_outage() -> None:
     """After W&B could not start a run: if no run is open in this process,
     stop W&B's service (nothing to write, and a service that cannot reach W&B
     may go on retrying, using CPU, or holding the trial at its end). Not while
-    another thread of this process starts a run."""
-    with _DRIVER_STARTS.none_starting():
-        if "wandb" in sys.modules and _compat.wandb_open_runs() == 0:
+    another thread of this process starts a run: that start stops it if it
+    fails too, else the service is in use (the callback stops it at the end
+    of the experiment)."""
+    with _DRIVER_STARTS.idle() as idle:
+        if idle and "wandb" in sys.modules and _compat.wandb_open_runs() == 0:
             flush_wandb(OUTAGE_TEARDOWN_S, warn=False)
 
 
