@@ -10,7 +10,10 @@ test_online.py; a killed trial's run in test_faults.py.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import ray
@@ -20,6 +23,7 @@ from tests.raycompat import RunConfig, report
 from wandbtune import wandb_trainable
 from wandbtune._compat import wandb_can_hand_over
 from wandbtune._node_service import NAMESPACE
+from wandbtune.testing import read_runs
 
 pytestmark = pytest.mark.skipif(
     not wandb_can_hand_over(),
@@ -77,6 +81,77 @@ def test_the_trials_of_a_node_share_one_w_and_b_service(sweep):
         if a["namespace"] == NAMESPACE
     ]
     assert left == []
+
+
+def kill_the_node_service() -> int:
+    """Kill the W&B service of this node's actor (SIGKILL, as the kernel's
+    out-of-memory killer would); its pid."""
+    table = subprocess.run(
+        ["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True, check=True
+    ).stdout
+    processes = {}
+    for line in table.splitlines():
+        pid, ppid, args = line.split(None, 2)
+        processes[pid] = (ppid, args)
+    services = [
+        int(pid)
+        for pid, (ppid, args) in processes.items()
+        if "wandb-core" in args
+        and "ray::NodeService" in processes.get(ppid, ("", ""))[1]
+    ]
+    assert len(services) == 1, table
+    os.kill(services[0], signal.SIGKILL)
+    return services[0]
+
+
+class KillTheServiceAfterTheFirstTrial(tune.Callback):
+    def __init__(self) -> None:
+        self.killed: list[int] = []
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"killed": []}
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if not self.killed:
+            self.killed.append(kill_the_node_service())
+
+
+@wandb_trainable(project="node")
+def three_reports(config):
+    for i in range(1, 4):
+        report({"score": config["n"] * 10 + i})
+
+
+@pytest.mark.parametrize("reuse_actors", [True, False])
+def test_after_the_node_service_dies_later_trials_log_through_their_own(
+    ray_session, tmp_path, reuse_actors
+):
+    # One trial at a time; the node's W&B service is killed when the first
+    # has completed. Training never stops, and every later trial's run is
+    # complete: its process (a reused one still connected to the dead
+    # service, or a new one given its address) starts a W&B service of its
+    # own (checked to fail: without that, the later trials had no run). The
+    # first trial's run may have been cut short by the kill: not read.
+    killer = KillTheServiceAfterTheFirstTrial()
+    storage = tmp_path / "results"
+    results = tune.Tuner(
+        three_reports,
+        param_space={"n": tune.grid_search([1, 2, 3, 4])},
+        tune_config=tune.TuneConfig(max_concurrent_trials=1, reuse_actors=reuse_actors),
+        run_config=RunConfig(
+            name="killed", storage_path=str(storage), callbacks=[killer], verbose=0
+        ),
+    ).fit()
+    assert len(killer.killed) == 1
+    assert len(results) == 4 and not results.errors
+    later = [r for r in results if r.config["n"] > 1]
+    assert len(later) == 3
+    runs = read_runs(storage / "killed")
+    for result in later:
+        (run,) = runs[str(result.metrics["trial_id"])]
+        n = result.config["n"]
+        assert [row["score"] for row in run.rows] == [n * 10 + i for i in range(1, 4)]
+        assert run.exit_code == 0 and run.damaged is None
 
 
 @wandb_trainable(project="node")

@@ -582,6 +582,42 @@ def wandb_can_hand_over() -> bool:
         return False
 
 
+def wandb_service_gone(exc: BaseException) -> bool:
+    """True if ``exc`` says this process's W&B service is gone or cannot be
+    reached (its process died): not W&B's server, whose trouble wandb raises
+    as its own errors."""
+    if isinstance(exc, ConnectionError):  # reset, refused, broken pipe
+        return True
+    try:
+        from wandb.sdk.lib.service.service_token import WandbServiceConnectionError
+    except ImportError:  # not in older wandb
+        return False
+    return isinstance(exc, WandbServiceConnectionError)
+
+
+def wandb_forget_service() -> None:
+    """Drop this process's W&B setup and its connection to a service that is
+    gone, without waiting on it: ``wandb.teardown()`` forgets the setup at
+    once, then talks to the service, bounded here."""
+    import wandb
+
+    def teardown() -> None:
+        try:
+            wandb.teardown()
+        except Exception:  # noqa: BLE001 - the service is gone
+            pass
+
+    thread = threading.Thread(target=teardown, name="wandbtune-forget", daemon=True)
+    thread.start()
+    thread.join(2.0)
+    try:
+        from wandb.sdk.lib import module
+
+        module.unset_globals()  # type: ignore[no-untyped-call]  # run whose finish failed
+    except Exception:  # noqa: BLE001 - another wandb
+        pass
+
+
 def wandb_service_connected() -> bool:
     """True once this process's W&B is connected to a service."""
     return getattr(_wandb_setup(), "_connection", None) is not None

@@ -43,6 +43,7 @@ __all__ = [
     "NAMESPACE",
     "connect",
     "current",
+    "disconnect",
     "drain_all",
     "forget",
     "hand_over",
@@ -231,6 +232,15 @@ def connect() -> Optional[Any]:
     os.environ["WANDB_SERVICE"] = token
     _node = handle
     return handle
+
+
+def disconnect() -> None:
+    """This process's node service is gone: forget it and W&B's connection
+    to it; the next run starts a W&B service of this process's own."""
+    global _node
+    _node = None
+    os.environ.pop("WANDB_SERVICE", None)
+    _compat.wandb_forget_service()
 
 
 def current() -> Optional[Any]:

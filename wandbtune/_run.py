@@ -191,21 +191,38 @@ def _init(
                 _node_service.register(node, run_id)
     else:
         _compat.wandb_own_service()
-    if exclusive and wandb.run is not None:
-        # A run left open in this process (by user code or an earlier trial
-        # that was never cleaned up) would otherwise swallow this trial's rows.
-        wandb.run.finish()
     _compat.wandb_wait_for_a_new_run_dir(
         kwargs.get("dir") or settings.env("WANDB_DIR"), kwargs.get("id")
     )
     try:
-        return wandb.init(**kwargs)
+        return _init_exclusive(kwargs) if exclusive else wandb.init(**kwargs)
     except BaseException as exc:
         if node is not None and kwargs.get("id"):
             _node_service.forget(node, str(kwargs["id"]))  # no run opened
         if isinstance(exc, TypeError):
             raise ConfigError(f"wandb.init rejected the arguments: {exc}") from exc
-        raise
+        if node is None or not _compat.wandb_service_gone(exc):
+            raise
+    # The node's W&B service is gone (killed, out of memory): this process
+    # starts a service of its own, and its later trials use that one.
+    logger.warning(
+        "wandbtune: this node's W&B service is gone; trial %s logs through a "
+        "W&B service of its own process.",
+        kwargs.get("id"),
+    )
+    _node_service.disconnect()
+    return _init_exclusive(kwargs)
+
+
+def _init_exclusive(kwargs: dict[str, Any]) -> Any:
+    """``wandb.init`` for the process's only run."""
+    import wandb
+
+    if wandb.run is not None:
+        # A run left open in this process (by user code or an earlier trial
+        # that was never cleaned up) would otherwise swallow this trial's rows.
+        wandb.run.finish()
+    return wandb.init(**kwargs)
 
 
 #: How long a trial waits for W&B to start its run before training on without
