@@ -555,9 +555,10 @@ def test_a_trials_end_never_waits_for_its_uploads(online, tmp_path):
 
 
 class TrialSpan(tune.Callback):
-    """Driver time from Tune starting each trial to Tune seeing it complete.
-    Put first among the callbacks: whatever a later callback does in Tune's
-    loop (waiting for W&B) is inside the span."""
+    """Driver time from Tune starting each trial (``started``: this machine's
+    clock, as the server's) to Tune seeing it complete. Put first among the
+    callbacks: whatever a later callback does in Tune's loop (waiting for
+    W&B) is inside the span."""
 
     def __init__(self) -> None:
         self.started: dict[str, float] = {}
@@ -567,10 +568,10 @@ class TrialSpan(tune.Callback):
         return {"started": {}, "took": {}}
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.started[trial.trial_id] = time.monotonic()
+        self.started[trial.trial_id] = time.time()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.took[trial.trial_id] = time.monotonic() - self.started[trial.trial_id]
+        self.took[trial.trial_id] = time.time() - self.started[trial.trial_id]
 
 
 def five_quick_reports(config):
@@ -614,19 +615,6 @@ def test_the_callback_never_holds_tunes_loop_for_w_and_b(online, tmp_path):
     assert all(r.state == "finished" for r in stored.values())
 
 
-class TrialStarts(tune.Callback):
-    """When Tune started each trial (this machine's clock, as the server's)."""
-
-    def __init__(self) -> None:
-        self.at: dict[str, float] = {}
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"at": {}}
-
-    def on_trial_start(self, iteration, trials, trial, **info):
-        self.at[trial.trial_id] = time.time()
-
-
 @pytest.mark.skipif(
     not wandb_inits_side_by_side(),
     reason="this wandb (0.19) starts runs one at a time: its first init has no lock",
@@ -641,7 +629,7 @@ def test_the_callbacks_runs_of_trials_side_by_side_start_side_by_side(online, tm
     # 17.5 s with a thread per run but starts one at a time; 3.0-3.3 s for
     # every run side by side).
     round_trip_s = 2.0
-    starts = TrialStarts()
+    starts = TrialSpan()
     online.proxy.reset()
     online.proxy.set_latency(round_trip_s / 2)
     try:
@@ -663,7 +651,7 @@ def test_the_callbacks_runs_of_trials_side_by_side_start_side_by_side(online, tm
     stored = online.store.runs("online-side-by-side")
     assert len(stored) == 4, stored
     late = {
-        run_id: round(run.created_at - starts.at[run_id], 2)
+        run_id: round(run.created_at - starts.started[run_id], 2)
         for run_id, run in stored.items()
     }
     assert all(run.state == "finished" for run in stored.values())

@@ -595,25 +595,13 @@ def wandb_service_gone(exc: BaseException) -> bool:
     return isinstance(exc, WandbServiceConnectionError)
 
 
-def wandb_forget_service() -> None:
-    """Drop this process's W&B setup and its connection to a service that is
-    gone, without waiting on it: ``wandb.teardown()`` forgets the setup at
-    once, then talks to the service, bounded here."""
-    import wandb
-
-    def teardown() -> None:
-        try:
-            wandb.teardown()
-        except Exception:  # noqa: BLE001 - the service is gone
-            pass
-
-    thread = threading.Thread(target=teardown, name="wandbtune-forget", daemon=True)
-    thread.start()
-    thread.join(2.0)
+def wandb_drop_run() -> None:
+    """Forget ``wandb.run`` and the module's other run globals (of a run whose
+    finish failed: its service is gone)."""
     try:
         from wandb.sdk.lib import module
 
-        module.unset_globals()  # type: ignore[no-untyped-call]  # run whose finish failed
+        module.unset_globals()  # type: ignore[no-untyped-call]
     except Exception:  # noqa: BLE001 - another wandb
         pass
 

@@ -235,12 +235,12 @@ def connect() -> Optional[Any]:
 
 
 def disconnect() -> None:
-    """This process's node service is gone: forget it and W&B's connection
-    to it; the next run starts a W&B service of this process's own."""
+    """This process's node service is gone: forget it and its address (the
+    caller tears this process's W&B down); the next run starts a W&B service
+    of this process's own."""
     global _node
     _node = None
     os.environ.pop("WANDB_SERVICE", None)
-    _compat.wandb_forget_service()
 
 
 def current() -> Optional[Any]:

@@ -142,17 +142,17 @@ class _DriverStarts:
         with self._changed:
             self._starting += 1
         try:
-            with self._one_at_a_time:
-                if (
-                    side_by_side
-                    and not disabled
-                    and not _compat.wandb_service_connected()
-                ):
-                    import wandb
+            if not side_by_side:
+                with self._one_at_a_time:
+                    yield
+                return
+            if not disabled:
+                with self._one_at_a_time:
+                    if not _compat.wandb_service_connected():
+                        import wandb
 
-                    wandb.setup()
-            with contextlib.nullcontext() if side_by_side else self._one_at_a_time:
-                yield
+                        wandb.setup()
+            yield
         finally:
             with self._changed:
                 self._starting -= 1
@@ -211,6 +211,9 @@ def _init(
         kwargs.get("id"),
     )
     _node_service.disconnect()
+    # W&B forgets its setup at once, then talks to the dead service: bounded.
+    _teardown_wandb(limit=2.0)
+    _compat.wandb_drop_run()  # the run whose finish failed is still wandb.run
     return _init_exclusive(kwargs)
 
 
@@ -760,6 +763,25 @@ def _plain(row: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v if isinstance(v, plain) else str(v)[:1000] for k, v in row.items()}
 
 
+def _teardown_wandb(limit: float) -> tuple[threading.Thread, list[BaseException]]:
+    """``wandb.teardown()`` on a thread of its own, waited for at most
+    ``limit`` s: the thread (alive if it is still waiting) and its errors."""
+    import wandb
+
+    errors: list[BaseException] = []
+
+    def teardown() -> None:
+        try:
+            wandb.teardown()
+        except BaseException as exc:  # noqa: BLE001 - the caller's to report
+            errors.append(exc)
+
+    thread = threading.Thread(target=teardown, name="wandbtune-teardown", daemon=True)
+    thread.start()
+    thread.join(limit)
+    return thread, errors
+
+
 def flush_wandb(timeout: float | None = None, *, warn: bool = True) -> None:
     """Wait until W&B's service has written everything, then stop it.
 
@@ -778,20 +800,10 @@ def flush_wandb(timeout: float | None = None, *, warn: bool = True) -> None:
     if wandb is None:
         return
     limit = TEARDOWN_TIMEOUT_S if timeout is None else timeout
-    errors: list[BaseException] = []
     # wandb.teardown() forgets W&B's setup (and its service) first thing:
     # keep hold of it to stop a service that does not exit.
     setup = _compat.wandb_setup()
-
-    def teardown() -> None:
-        try:
-            wandb.teardown()
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    thread = threading.Thread(target=teardown, name="wandbtune-teardown", daemon=True)
-    thread.start()
-    thread.join(limit)
+    thread, errors = _teardown_wandb(limit)
     if thread.is_alive():
         stopped = _compat.wandb_kill_service(setup)
         thread.join(5.0)
