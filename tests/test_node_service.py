@@ -85,9 +85,14 @@ def test_the_trials_of_a_node_share_one_w_and_b_service(sweep):
 
 def kill_the_node_service() -> int:
     """Kill the W&B service of this node's actor (SIGKILL, as the kernel's
-    out-of-memory killer would); its pid."""
+    out-of-memory killer would); its pid. ``-ww``: whole command lines (``ps``
+    cuts them at its column width otherwise, and a long checkout path once hid
+    ``wandb-core``)."""
     table = subprocess.run(
-        ["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True, check=True
+        ["ps", "-ww", "-eo", "pid=,ppid=,args="],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     processes = {}
     for line in table.splitlines():
