@@ -8,8 +8,9 @@ experiment's directory (so ``Tuner.restore`` continues it), holds:
   status, how it ended (``outcome``), iterations, the last and the best value
   of the Tune metric, PBT exploits, and its config (flattened, without
   ``"wandb"`` and excluded keys). W&B tables are immutable: each log is a new
-  version. It is logged again at most every ``table_interval_s`` while trials
-  report or end, and once more when the experiment ends.
+  version. It is logged ``table_interval_s`` after the run starts, again at
+  most that often while trials report or end, and once more when the
+  experiment ends.
 - the best trial, picked as Tune's ``ResultGrid.get_best_result(metric,
   mode)`` picks it, with Tune's default scope ``"last"``: each trial's last
   reported value of the metric counts, NaN and infinities never win. Summary
@@ -681,6 +682,11 @@ class ExperimentLog:
             except Exception as exc:  # noqa: BLE001
                 logger.debug("wandbtune: define_metric failed: %r", exc)
         self._dirty = True
+        # The first table is due table_interval_s from now, not at once: a
+        # table is an artifact, and logging one held Tune's loop 0.3 s (online,
+        # at the first result); an experiment shorter than the interval logs
+        # one table, at its end.
+        self._logged_at = time.monotonic()
         return True
 
     def _start(self, trial: Any) -> _RunStart:
