@@ -4,7 +4,8 @@ with a head that runs no trials and two worker nodes.
 The API key given to the decorator reaches the trials on the worker nodes
 (in the pickled trainable, through Ray, not through the experiment's
 storage), and each of them logs a complete run; the same for the ranks of a
-Ray Train run spread over both nodes.
+Ray Train run spread over both nodes. A node that joins during an
+experiment gets a W&B service of its own for its trials.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from tests.conftest import ROOT
 from tests.helpers import run_sweep
 from tests.raycompat import DataParallelTrainer, TrainRunConfig, report, scaling
 from wandbtune import wandb_trainable
+from wandbtune._compat import wandb_can_hand_over
 
 KEY = "wbtune0node" + "5" * 29  # 40 characters, like a real key
 
@@ -150,3 +152,67 @@ def test_a_training_loops_ranks_on_worker_nodes_get_the_key(cluster, tmp_path):
     assert ray.is_initialized()
 
     assert _files_with_key(tmp_path) == []
+
+
+class AddANodeAfterTheFirstTrial(tune.Callback):
+    """Adds a node with the resource "late" when the first trial completes."""
+
+    def __init__(self, cluster: Any) -> None:
+        self.cluster = cluster
+        self.added: list[str] = []
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"cluster": None, "added": []}  # Tune saves its callbacks
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if not self.added:
+            node = self.cluster.add_node(num_cpus=1, resources={"late": 1})
+            self.added.append(node.node_id)
+
+
+@pytest.mark.skipif(
+    not wandb_can_hand_over(),
+    reason="this wandb's service cannot take a run over (0.19): no W&B "
+    "service per node, each trial process runs its own",
+)
+def test_a_node_that_joins_during_the_experiment_gets_a_w_and_b_service(
+    cluster, tmp_path
+):
+    # The first trial runs on a worker node; when it completes, a node with
+    # the resource "late" joins the cluster, and the second trial, which
+    # needs it, runs there. Its run goes through that node's W&B service,
+    # which the driver started before it scheduled the trial's actor
+    # (checked to fail: without that, the trial's process ran a service of
+    # its own). Last in this module: the new node stays.
+    @wandb_trainable(project="nodes")
+    def where(config):
+        import ray
+
+        from wandbtune import _mixin, _node_service
+
+        assert _mixin.active_run() is not None  # waits until it has started
+        report(
+            {
+                "node": ray.get_runtime_context().get_node_id(),
+                "on_the_nodes_service": _node_service.current() is not None,
+            }
+        )
+
+    adder = AddANodeAfterTheFirstTrial(cluster)
+    out = run_sweep(
+        tune.with_resources(
+            where, lambda config: {"cpu": 1, "late": 1} if config["n"] else {"cpu": 1}
+        ),
+        {"n": tune.grid_search([0, 1])},
+        tmp_path,
+        tune_config=tune.TuneConfig(max_concurrent_trials=1),
+        callbacks=[adder],
+    )
+    assert len(adder.added) == 1
+    assert len(out.runs) == 2
+    by_n = {r.config["n"]: out.runs[r.metrics["trial_id"]] for r in out.results}
+    assert by_n[1].column("node") == [adder.added[0]]  # on the node that joined
+    assert by_n[0].column("node") != by_n[1].column("node")
+    for run in by_n.values():
+        assert run.exit_code == 0
+        assert run.column("on_the_nodes_service") == [True]

@@ -665,14 +665,17 @@ def named_actors(namespace: str) -> list[str]:
 
 
 def around_tune_experiment(
-    start: Callable[[Any], bool], end: Callable[[], None]
+    start: Callable[[Any], bool],
+    end: Callable[[], None],
+    each: Callable[[], None],
 ) -> None:
     """Call ``start(trainable_class)`` when Tune's controller schedules its
-    experiment's first trial actor (on the driver, Ray running), and, if it
-    returned True, ``end()`` when the controller has stopped the experiment's
-    trials, before its callbacks' ``on_experiment_end`` (at the end of every
+    experiment's first trial actor (on the driver, Ray running); if it
+    returned True, ``each()`` before each later trial actor is scheduled, and
+    ``end()`` when the controller has stopped the experiment's trials, before
+    its callbacks' ``on_experiment_end`` (at the end of every
     ``tune.run``/``Tuner.fit``, interrupted or failed too). Installed once
-    per process; neither may raise into Tune."""
+    per process; none may raise into Tune."""
     from ray.tune.execution.tune_controller import TuneController
 
     if getattr(TuneController._schedule_trial_actor, "_wandbtune", False):
@@ -692,6 +695,11 @@ def around_tune_experiment(
                 seen[self] = start(trial.get_trainable_cls())
             except Exception:  # noqa: BLE001 - never stops Tune
                 logger.debug("wandbtune: experiment start hook", exc_info=True)
+        elif seen[self]:
+            try:
+                each()
+            except Exception:  # noqa: BLE001 - never stops Tune
+                logger.debug("wandbtune: trial start hook", exc_info=True)
         return original_schedule(self, trial, *args, **kwargs)
 
     @functools.wraps(original_cleanup)

@@ -11,7 +11,9 @@ finishes it in the background: uploads done, or on disk for ``wandb sync``.
   first trial of an experiment whose trainable is decorated (the hook is
   installed where the decorator's settings are pickled, on the driver): one
   actor per alive node, owned by the driver (they die with it: nothing is
-  left running if the driver is killed).
+  left running if the driver is killed). Before each later trial actor is
+  scheduled, the driver starts one on nodes that joined since (at most
+  every NEW_NODES_EVERY_S).
 - **The end of the experiment.** Tune's cleanup of its trials, on the driver,
   waits until every handed-over run is finished (``drain``), then stops the
   actors: ``fit()`` returns with every run uploaded or on disk.
@@ -30,8 +32,10 @@ finishes it in the background: uploads done, or on disk for ``wandb sync``.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
+import time
 from typing import Any, Optional
 
 from wandbtune import _compat
@@ -51,6 +55,7 @@ __all__ = [
     "register",
     "release",
     "start_all",
+    "start_on_new_nodes",
 ]
 
 #: wandb 0.19's service API cannot take runs over (trials check the installed
@@ -69,6 +74,9 @@ DRAIN_WAIT_S = 30.0
 RELEASE_WAIT_S = 30.0
 #: How long the service takes to shut down once its runs are finished.
 STOP_WAIT_S = 10.0
+#: How often, at most, the driver looks for nodes that joined the cluster
+#: during the experiment (before a trial actor is scheduled: ``ray.nodes()``).
+NEW_NODES_EVERY_S = 1.0
 
 
 def _name(job_id: str, node_id: str) -> str:
@@ -78,8 +86,12 @@ def _name(job_id: str, node_id: str) -> str:
 # --- on the driver -----------------------------------------------------------------
 
 _started: list[Any] = []
+#: The nodes of the actors in ``_started``.
+_started_on: set[str] = set()
 #: The Ray job the actors in ``_started`` belong to.
 _started_job: Optional[str] = None
+#: When the driver last looked for nodes without an actor.
+_nodes_seen_at = -math.inf
 _users = 0
 _driver_lock = threading.Lock()
 
@@ -92,7 +104,7 @@ def on_pickled() -> None:
     if _compat.in_ray_worker() or not _compat.wandb_at_least(HAND_OVER_MIN):
         return
     try:
-        _compat.around_tune_experiment(start_all, drain_all)
+        _compat.around_tune_experiment(start_all, drain_all, start_on_new_nodes)
     except Exception as exc:  # noqa: BLE001 - then a service per trial process
         logger.debug("wandbtune: no W&B service per node: %r", exc)
 
@@ -101,16 +113,56 @@ def start_all(trainable: Any) -> bool:
     """When an experiment of a decorated trainable starts its first trial:
     start a node actor on every alive node; True if it did. Actors of an
     experiment running beside this one in the driver are shared."""
-    global _users, _started_job
+    global _users, _started_job, _nodes_seen_at
     if getattr(trainable, "_wandbtune_settings", None) is None:
         return False
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     job = _compat.ray_job_id()
     if job is None:
         return False
+    nodes = _alive_nodes()
+    with _driver_lock:
+        if _started and _started_job != job:
+            # Left from another Ray session (ray.shutdown() and ray.init()
+            # between fits, or a fit that ended without Tune's cleanup).
+            _started.clear()
+            _started_on.clear()
+            _users = 0
+        _users += 1
+        if _started:
+            return True
+        _started_job = job
+        _nodes_seen_at = time.monotonic()
+        _start_on(nodes, job)
+    return True
+
+
+def start_on_new_nodes() -> None:
+    """Before each later trial actor of the experiment is scheduled: start a
+    node actor on nodes that joined the cluster since (an autoscaler's),
+    looked for at most every NEW_NODES_EVERY_S."""
+    global _nodes_seen_at
+    with _driver_lock:
+        job = _started_job
+        if not _started or time.monotonic() - _nodes_seen_at < NEW_NODES_EVERY_S:
+            return
+        _nodes_seen_at = time.monotonic()
+    nodes = _alive_nodes()
+    with _driver_lock:
+        if _started and _started_job == job and job is not None:
+            _start_on([node for node in nodes if node not in _started_on], job)
+
+
+def _alive_nodes() -> list[str]:
+    import ray
+
+    return [node["NodeID"] for node in ray.nodes() if node.get("Alive")]  # type: ignore[no-untyped-call]
+
+
+def _start_on(nodes: list[str], job: str) -> None:
+    """Start the actor on each of ``nodes`` (under _driver_lock)."""
+    import ray
     from ray import cloudpickle
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from wandbtune import _node_actor
 
@@ -119,32 +171,19 @@ def start_all(trainable: Any) -> bool:
     actor_class = ray.remote(num_cpus=0, max_concurrency=64)(  # type: ignore[call-overload]
         _node_actor.NodeService
     )
-    nodes = [node["NodeID"] for node in ray.nodes() if node.get("Alive")]  # type: ignore[no-untyped-call]
-    with _driver_lock:
-        if _started and _started_job != job:
-            # Left from another Ray session (ray.shutdown() and ray.init()
-            # between fits, or a fit that ended without Tune's cleanup).
-            _started.clear()
-            _users = 0
-        _users += 1
-        if _started:
-            return True
-        _started_job = job
-        for node_id in nodes:
-            try:
-                handle = actor_class.options(  # type: ignore[attr-defined]
-                    name=_name(job, node_id),
-                    namespace=NAMESPACE,
-                    get_if_exists=True,
-                    scheduling_strategy=NodeAffinitySchedulingStrategy(
-                        node_id, soft=False
-                    ),
-                ).remote()
-            except Exception as exc:  # noqa: BLE001 - trials start their own
-                logger.debug("wandbtune: no W&B service on node %s: %r", node_id, exc)
-                continue
-            _started.append(handle)
-    return True
+    for node_id in nodes:
+        try:
+            handle = actor_class.options(  # type: ignore[attr-defined]
+                name=_name(job, node_id),
+                namespace=NAMESPACE,
+                get_if_exists=True,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+            ).remote()
+        except Exception as exc:  # noqa: BLE001 - trials start their own
+            logger.debug("wandbtune: no W&B service on node %s: %r", node_id, exc)
+            continue
+        _started.append(handle)
+        _started_on.add(node_id)
 
 
 def drain_all() -> None:
@@ -194,6 +233,7 @@ def drain_all() -> None:
                 except Exception:  # noqa: BLE001
                     pass
             _started.clear()
+            _started_on.clear()
 
 
 # --- in a trial process --------------------------------------------------------------
