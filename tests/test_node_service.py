@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -213,3 +214,55 @@ def test_a_restored_experiment_gets_its_node_service_too(ray_session, tmp_path):
     assert result.error is None
     here = result.metrics_dataframe["service_started_here"].tolist()
     assert len(here) >= 1 and not any(here), here
+
+
+class KillTheServiceAtTheThirdResult(tune.Callback):
+    def __init__(self) -> None:
+        self.killed: list[int] = []
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"killed": []}
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if result["training_iteration"] == 3 and not self.killed:
+            self.killed.append(kill_the_node_service())
+
+
+@wandb_trainable(project="node")
+def six_slow_reports(config):
+    for i in range(1, 7):
+        time.sleep(0.3)
+        report({"score": 10 + i})
+
+
+@pytest.mark.parametrize("reuse_actors", [True, False])
+def test_a_trial_whose_node_service_dies_keeps_every_result_in_its_run(
+    ray_session, tmp_path, reuse_actors
+):
+    # The node's W&B service is killed while the trial runs, at its third
+    # result: what the service had not written is lost with it. The trial's
+    # run goes on through a W&B service of the trial's own process, and what
+    # the lost service had not written is logged again: over its local run
+    # files (a second resumes the first where the first holds rows; `wandb
+    # sync` joins them) every result is there once (checked to fail: without
+    # the restart, the rows from the kill on were missing; without logging
+    # again, those before it).
+    killer = KillTheServiceAtTheThirdResult()
+    storage = tmp_path / "results"
+    results = tune.Tuner(
+        six_slow_reports,
+        param_space={"n": tune.grid_search([1])},
+        tune_config=tune.TuneConfig(reuse_actors=reuse_actors),
+        run_config=RunConfig(
+            name="midway", storage_path=str(storage), callbacks=[killer], verbose=0
+        ),
+    ).fit()
+    assert len(killer.killed) == 1
+    assert len(results) == 1 and not results.errors
+    (result,) = results
+    attempts = read_runs(storage / "midway")[str(result.metrics["trial_id"])]
+    assert 1 <= len(attempts) <= 2
+    rows = [row for run in attempts for row in run.rows]
+    assert [row["training_iteration"] for row in rows] == [1, 2, 3, 4, 5, 6]
+    assert [row["score"] for row in rows] == [11, 12, 13, 14, 15, 16]
+    assert attempts[-1].exit_code == 0

@@ -88,6 +88,8 @@ class _Trial:
     def log_result(self, result: Mapping[str, Any]) -> None:
         if self.run is not None:
             self.run.log_result(result)
+            if self.run.service_gone:
+                self._start_again(result)
 
     def log_checkpoint(self, checkpoint: Any, iteration: Any) -> None:
         if self.run is not None:
@@ -102,8 +104,32 @@ class _Trial:
             if self.outcome is not None:
                 self.run.record_outcome(self.outcome)
             self.run.finish(failed=failed or self.failed, flush=flush)
+            if self.run.service_gone:
+                self._start_again(None)
+                if self.run is not None:
+                    if self.outcome is not None:
+                        self.run.record_outcome(self.outcome)
+                    self.run.finish(failed=failed or self.failed, flush=flush)
         elif flush:
             flush_wandb()
+
+    def _start_again(self, result: Optional[Mapping[str, Any]]) -> None:
+        """The node's W&B service died under this trial's run (killed, out of
+        memory): what it had not written is lost with it. Start the run again
+        (same id: W&B resumes it) on a W&B service of this process's own
+        (``_run._init`` falls back), log again what this attempt had logged
+        since what reached W&B (``TrialRun.refill``), then ``result``, the
+        row the dead service refused."""
+        lost = self.run
+        assert lost is not None
+        trial = {**self.trial, "exploit": None, "restored_iteration": None}
+        self.run = start_or_warn(self.settings, node_service=True, **trial)
+        if self.run is None:
+            return
+        _init_guard.install(self.run.run, owner=threading.current_thread())
+        self.run.refill(lost)
+        if result is not None:
+            self.run.log_result(result)
 
     # --- in the trial's threads -----------------------------------------------
 

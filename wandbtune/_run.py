@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -362,6 +363,14 @@ class TrialRun:
         #: finished in this process).
         self.node = node
         self.failed = False
+        #: The W&B service this run was started on is gone (the node's,
+        #: killed): nothing more reaches it; see ``_mixin._Trial``.
+        self.service_gone = False
+        #: The last results this attempt logged, to log again on another
+        #: service if that one dies before writing them (``refill``).
+        self._recent: collections.deque[Mapping[str, Any]] = collections.deque(
+            maxlen=RECENT_RESULTS
+        )
         self._checkpoints: set[str] = set()
         self._sent_config: dict[str, Any] = {}
         self._warned: set[str] = set()
@@ -477,6 +486,9 @@ class TrialRun:
         try:
             self.run.log(row, step=step)
         except Exception as exc:  # noqa: BLE001
+            if self.node is not None and _compat.wandb_service_gone(exc):
+                self.service_gone = True
+                return
             self._warn_once(
                 "plain",
                 f"W&B rejected a value ({exc!r}); such values are logged as text",
@@ -489,6 +501,7 @@ class TrialRun:
         iteration = row.get(TRAINING_ITERATION)
         if isinstance(iteration, int):
             self._last_logged = (step, iteration)
+        self._recent.append(result)
 
     def _update_config(self, config: Mapping[str, Any]) -> None:
         changed = {
@@ -499,6 +512,27 @@ class TrialRun:
         if changed:
             self.run.config.update(changed, allow_val_change=True)
             self._sent_config.update(changed)
+
+    def refill(self, lost: TrialRun) -> None:
+        """Log again what ``lost`` (this run, started on a W&B service that
+        died) logged after what reached W&B from it (its last RECENT_RESULTS
+        results at most)."""
+        done = self._logged_up_to
+        again = [
+            result
+            for result in lost._recent
+            if done is None
+            or not isinstance(result.get(TRAINING_ITERATION), int)
+            or result[TRAINING_ITERATION] > done
+        ]
+        for result in again:
+            self.log_result(result)
+        if again:
+            logger.info(
+                "wandbtune: logged %d results again that the lost W&B service "
+                "had not written.",
+                len(again),
+            )
 
     @property
     def logged_by_earlier_attempts(self) -> int | None:
@@ -600,6 +634,8 @@ class TrialRun:
         exit_code = 1 if (failed or self.failed) else 0
         if self.node is not None and self._hand_over(exit_code):
             return  # the node's W&B service finishes it; nothing to flush here
+        if self.service_gone:
+            return  # nothing can reach it; the caller starts it again
         try:
             self.run.finish(exit_code=exit_code)
         except Exception as exc:  # noqa: BLE001
@@ -614,7 +650,9 @@ class TrialRun:
             if _node_service.hand_over(self.node, self.run, exit_code):
                 return True
         except Exception as exc:  # noqa: BLE001
-            if getattr(self.run, "_is_finished", False):
+            if _compat.wandb_service_gone(exc):
+                self.service_gone = True
+            elif getattr(self.run, "_is_finished", False):
                 # Let go of already: the node's actor finishes it (as failed)
                 # when this process is gone.
                 self._warn_once("finish", f"the W&B run was not handed over: {exc!r}")
@@ -627,6 +665,11 @@ class TrialRun:
             self._warned.add(what)
             logger.warning("wandbtune: %s", message)
 
+
+#: How many of its last results a trial's run keeps, to log them again if
+#: the node's W&B service dies before writing them out (``TrialRun.refill``):
+#: a few MB at most; a service writes its run log in 32 KiB blocks.
+RECENT_RESULTS = 1000
 
 #: The run summary key listing a trial's PBT exploits.
 EXPLOITS_KEY = "pbt/exploits"
