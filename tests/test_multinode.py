@@ -176,7 +176,7 @@ class AddANodeAfterTheFirstTrial(tune.Callback):
     "service per node, each trial process runs its own",
 )
 def test_a_node_that_joins_during_the_experiment_gets_a_w_and_b_service(
-    cluster, tmp_path
+    cluster, tmp_path, monkeypatch
 ):
     # The first trial runs on a worker node; when it completes, a node with
     # the resource "late" joins the cluster, and the second trial, which
@@ -198,6 +198,13 @@ def test_a_node_that_joins_during_the_experiment_gets_a_w_and_b_service(
             }
         )
 
+    import ray
+
+    from wandbtune import _node_service
+
+    # Looked for before every trial actor (not at most once a second): the
+    # test does not depend on how long its first trial takes.
+    monkeypatch.setattr(_node_service, "NEW_NODES_EVERY_S", 0.0)
     adder = AddANodeAfterTheFirstTrial(cluster)
     out = run_sweep(
         tune.with_resources(
@@ -216,3 +223,10 @@ def test_a_node_that_joins_during_the_experiment_gets_a_w_and_b_service(
     for run in by_n.values():
         assert run.exit_code == 0
         assert run.column("on_the_nodes_service") == [True]
+    # Every node's actor, the new one's too, was stopped when fit() ended.
+    left = [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["namespace"] == _node_service.NAMESPACE
+    ]
+    assert left == []

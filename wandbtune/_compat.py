@@ -923,6 +923,18 @@ def ray_job_id() -> Optional[str]:
         return None
 
 
+def ray_cluster_id() -> Optional[str]:
+    """Which Ray cluster this process is connected to: the GCS's address and
+    the driver's node (a new cluster on the same address has new nodes)."""
+    try:
+        if not ray.is_initialized():
+            return None
+        context = ray.get_runtime_context()
+        return f"{context.gcs_address}/{context.get_node_id()}"
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def is_ray_driver() -> bool:
     """True in a connected Ray driver (the user's script), not in a worker."""
     import ray._private.worker as ray_worker

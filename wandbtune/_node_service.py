@@ -88,8 +88,10 @@ def _name(job_id: str, node_id: str) -> str:
 _started: list[Any] = []
 #: The nodes of the actors in ``_started``.
 _started_on: set[str] = set()
-#: The Ray job the actors in ``_started`` belong to.
+#: The Ray job and cluster the actors in ``_started`` belong to (a fresh
+#: local cluster after ``ray.shutdown()`` numbers its jobs from 1 again).
 _started_job: Optional[str] = None
+_started_cluster: Optional[str] = None
 #: When the driver last looked for nodes without an actor.
 _nodes_seen_at = -math.inf
 _users = 0
@@ -113,15 +115,16 @@ def start_all(trainable: Any) -> bool:
     """When an experiment of a decorated trainable starts its first trial:
     start a node actor on every alive node; True if it did. Actors of an
     experiment running beside this one in the driver are shared."""
-    global _users, _started_job, _nodes_seen_at
+    global _users, _started_job, _started_cluster, _nodes_seen_at
     if getattr(trainable, "_wandbtune_settings", None) is None:
         return False
     job = _compat.ray_job_id()
     if job is None:
         return False
+    cluster = _compat.ray_cluster_id()
     nodes = _alive_nodes()
     with _driver_lock:
-        if _started and _started_job != job:
+        if _started and (_started_job != job or _started_cluster != cluster):
             # Left from another Ray session (ray.shutdown() and ray.init()
             # between fits, or a fit that ended without Tune's cleanup).
             _started.clear()
@@ -131,6 +134,7 @@ def start_all(trainable: Any) -> bool:
         if _started:
             return True
         _started_job = job
+        _started_cluster = cluster
         _nodes_seen_at = time.monotonic()
         _start_on(nodes, job)
     return True
@@ -160,6 +164,8 @@ def _alive_nodes() -> list[str]:
 
 def _start_on(nodes: list[str], job: str) -> None:
     """Start the actor on each of ``nodes`` (under _driver_lock)."""
+    if not nodes:
+        return
     import ray
     from ray import cloudpickle
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -200,19 +206,34 @@ def drain_all() -> None:
     if not handles:
         return
     late: list[str] = []
+    # With another experiment still running on the actors, only the runs
+    # already handed over or of dead trial processes are waited for. Each
+    # actor's answer on its own: an actor whose node is gone (an
+    # autoscaler's, idle) must not cut the wait for the others short.
     try:
-        # With another experiment still running on the actors, only the runs
-        # already handed over or of dead trial processes are waited for.
-        for answer in ray.get(
-            [h.drain.remote(DRAIN_WAIT_S, last) for h in handles],
+        asked = [h.drain.remote(DRAIN_WAIT_S, last) for h in handles]
+        answered, silent = ray.wait(
+            asked,
+            num_returns=len(asked),
             timeout=DRAIN_WAIT_S + DEAD_GRACE_S + CANCEL_WAIT_S + 10.0,
-        ):
-            late += answer
-    except Exception as exc:  # noqa: BLE001 - reported below, never raised
+        )
+    except Exception as exc:  # noqa: BLE001 - reported, never raised
         logger.warning(
             "wandbtune: W&B's node services did not answer at the end of the "
             "experiment (%s); what they hold is on disk for `wandb sync`.",
             f"{type(exc).__name__}: {exc}".splitlines()[0][:300],
+        )
+        answered, silent = [], []
+    for ref in answered:
+        try:
+            late += ray.get(ref)
+        except Exception as exc:  # noqa: BLE001 - its node is gone: nothing to wait for
+            logger.debug("wandbtune: a node's W&B service is gone: %r", exc)
+    if silent:
+        logger.warning(
+            "wandbtune: %d of W&B's node services did not answer at the end of "
+            "the experiment; what they hold is on disk for `wandb sync`.",
+            len(silent),
         )
     if late:
         logger.warning(
@@ -224,7 +245,11 @@ def drain_all() -> None:
     with _driver_lock:
         if _users == 0 and _started:  # no experiment started meanwhile
             try:
-                ray.get([h.stop.remote() for h in _started], timeout=STOP_WAIT_S)
+                ray.wait(
+                    [h.stop.remote() for h in _started],
+                    num_returns=len(_started),
+                    timeout=STOP_WAIT_S,
+                )
             except Exception:  # noqa: BLE001 - killed below all the same
                 logger.debug("wandbtune: node W&B service stop", exc_info=True)
             for handle in _started:
