@@ -723,6 +723,49 @@ def trial_id_of_failed(result: Any) -> str:
     return found.group(1)
 
 
+# --- f) the node's W&B service dies while a trial runs -------------------------------
+
+
+@wandb_trainable(project="online-midway", **with_key())
+def six_slow_reports_midway(config):
+    for i in range(1, 7):
+        time.sleep(0.3)
+        report({"score": 10 + i})
+
+
+@pytest.mark.skipif(
+    not wandb_can_hand_over(),
+    reason="this wandb's service cannot take a run over (0.19): no W&B service "
+    "per node to lose",
+)
+@pytest.mark.parametrize("at", [3, 6])
+def test_a_trial_whose_node_service_dies_keeps_every_result_on_the_server(
+    online, tmp_path, at
+):
+    # The node's wandb-core is SIGKILLed at the trial's third (or last) of
+    # six results: the trial's process starts the run again on a W&B service
+    # of its own, at its next row (or at its end, when the hand-over fails),
+    # W&B resumes it from what reached the server, and what the lost service
+    # had not uploaded is logged again. The server holds every result once
+    # (checked to fail: with no start again, no row at all; at the end, with
+    # the lost attempt's rows remembered as logged, no row either).
+    from tests.test_node_service import kill_the_node_service
+
+    killed: list[int] = []
+    (result,) = fit(
+        six_slow_reports_midway,
+        tmp_path,
+        callbacks=[At(at, lambda: killed.append(kill_the_node_service()))],
+    )
+    assert len(killed) == 1
+    assert result.error is None
+    run = online.store.run(trial_id(result))
+    assert run is not None and run.state == "finished"
+    column = online.store.column
+    assert column(trial_id(result), "training_iteration") == list(range(1, 7))
+    assert column(trial_id(result), "score") == list(range(11, 17))
+
+
 # --- the server's URL, set on the driver after Ray started ----------------------------
 
 

@@ -634,12 +634,19 @@ class TrialRun:
         exit_code = 1 if (failed or self.failed) else 0
         if self.node is not None and self._hand_over(exit_code):
             return  # the node's W&B service finishes it; nothing to flush here
+        if not self.service_gone:
+            try:
+                self.run.finish(exit_code=exit_code)
+            except Exception as exc:  # noqa: BLE001
+                if self.node is None or not _compat.wandb_service_gone(exc):
+                    self._warn_once("finish", f"could not finish the W&B run: {exc!r}")
+                else:
+                    self.service_gone = True
         if self.service_gone:
-            return  # nothing can reach it; the caller starts it again
-        try:
-            self.run.finish(exit_code=exit_code)
-        except Exception as exc:  # noqa: BLE001
-            self._warn_once("finish", f"could not finish the W&B run: {exc!r}")
+            # The caller starts the run again, from what reached W&B: what
+            # this process remembers of it went with the service.
+            _finished_lineages.pop(str(self.run.id), None)
+            return
         if flush:
             flush_wandb()
 
