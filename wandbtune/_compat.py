@@ -588,11 +588,23 @@ def wandb_service_gone(exc: BaseException) -> bool:
     as its own errors."""
     if isinstance(exc, ConnectionError):  # reset, refused, broken pipe
         return True
+    gone: list[type] = []
     try:
         from wandb.sdk.lib.service.service_token import WandbServiceConnectionError
+
+        gone.append(WandbServiceConnectionError)
     except ImportError:  # not in older wandb
-        return False
-    return isinstance(exc, WandbServiceConnectionError)
+        pass
+    try:
+        # The connection's reader closes the mailbox when the service's end
+        # of the socket is gone: a request then raises MailboxClosedError,
+        # and one already waiting HandleAbandonedError.
+        from wandb.sdk.mailbox import HandleAbandonedError, MailboxClosedError
+
+        gone += [MailboxClosedError, HandleAbandonedError]
+    except ImportError:  # another wandb
+        pass
+    return isinstance(exc, tuple(gone))
 
 
 def wandb_drop_run() -> None:

@@ -26,6 +26,7 @@ from wandbtune._run import (
     TrialRun,
     exploit_of,
     flush_wandb,
+    forget_lineage,
     init_kwargs,
     start_or_warn,
 )
@@ -89,7 +90,7 @@ class _Trial:
         if self.run is not None:
             self.run.log_result(result)
             if self.run.service_gone:
-                self._start_again(result)
+                self._start_again(result, guard=True)
 
     def log_checkpoint(self, checkpoint: Any, iteration: Any) -> None:
         if self.run is not None:
@@ -105,7 +106,7 @@ class _Trial:
                 self.run.record_outcome(self.outcome)
             self.run.finish(failed=failed or self.failed, flush=flush)
             if self.run.service_gone:
-                self._start_again(None)
+                self._start_again(None, guard=False)
                 if self.run is not None:
                     if self.outcome is not None:
                         self.run.record_outcome(self.outcome)
@@ -113,20 +114,27 @@ class _Trial:
         elif flush:
             flush_wandb()
 
-    def _start_again(self, result: Optional[Mapping[str, Any]]) -> None:
+    def _start_again(self, result: Optional[Mapping[str, Any]], *, guard: bool) -> None:
         """The node's W&B service died under this trial's run (killed, out of
         memory): what it had not written is lost with it. Start the run again
         (same id: W&B resumes it) on a W&B service of this process's own
         (``_run._init`` falls back), log again what this attempt had logged
         since what reached W&B (``TrialRun.refill``), then ``result``, the
-        row the dead service refused."""
+        row the dead service refused. ``guard``: the trial goes on (user
+        code's ``wandb.init`` is guarded again), not at its end."""
         lost = self.run
         assert lost is not None
+        forget_lineage(str(lost.run.id))  # only what reached W&B counts
         trial = {**self.trial, "exploit": None, "restored_iteration": None}
-        self.run = start_or_warn(self.settings, node_service=True, **trial)
+        try:
+            self.run = start_or_warn(self.settings, node_service=True, **trial)
+        except BaseException as exc:  # noqa: BLE001 - strict=True: raised in the trial
+            self.run, self.error = None, exc
+            return
         if self.run is None:
             return
-        _init_guard.install(self.run.run, owner=threading.current_thread())
+        if guard:
+            _init_guard.install(self.run.run, owner=threading.current_thread())
         self.run.refill(lost)
         if result is not None:
             self.run.log_result(result)

@@ -481,6 +481,9 @@ class TrialRun:
                 return
             step = self._step_for(row.get(TRAINING_ITERATION))
         except Exception as exc:  # noqa: BLE001 - logging never stops training
+            if self.node is not None and _compat.wandb_service_gone(exc):
+                self.service_gone = True  # a config change met the dead service
+                return
             self._warn_once("log", f"a result was not logged to W&B: {exc!r}")
             return
         try:
@@ -501,7 +504,8 @@ class TrialRun:
         iteration = row.get(TRAINING_ITERATION)
         if isinstance(iteration, int):
             self._last_logged = (step, iteration)
-        self._recent.append(result)
+        if self.node is not None:  # only a node's service is lost this way
+            self._recent.append(result)
 
     def _update_config(self, config: Mapping[str, Any]) -> None:
         changed = {
@@ -645,7 +649,7 @@ class TrialRun:
         if self.service_gone:
             # The caller starts the run again, from what reached W&B: what
             # this process remembers of it went with the service.
-            _finished_lineages.pop(str(self.run.id), None)
+            forget_lineage(str(self.run.id))
             return
         if flush:
             flush_wandb()
@@ -731,6 +735,12 @@ class Lineage:
 
 #: Lineages of runs finished in this process (a reused actor), by run id.
 _finished_lineages: dict[str, Lineage] = {}
+
+
+def forget_lineage(run_id: str) -> None:
+    """Forget what this process remembers of ``run_id``'s attempts (their
+    W&B service is gone: only what reached W&B counts)."""
+    _finished_lineages.pop(run_id, None)
 
 
 def _remember_lineage(trial_run: TrialRun) -> None:
