@@ -14,7 +14,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 import ray
@@ -110,16 +110,45 @@ def kill_the_node_service() -> int:
     return services[0]
 
 
-class KillTheServiceAfterTheFirstTrial(tune.Callback):
-    def __init__(self) -> None:
+class KillTheNodeService(tune.Callback):
+    """Kills the node's W&B service once: at a trial's ``at``-th result, or
+    when the first trial completes (``at=None``)."""
+
+    def __init__(self, at: Optional[int] = None) -> None:
+        self.at = at
         self.killed: list[int] = []
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"killed": []}
+        return {"at": self.at, "killed": []}
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if self.at == result["training_iteration"] and not self.killed:
+            self.killed.append(kill_the_node_service())
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        if not self.killed:
+        if self.at is None and not self.killed:
             self.killed.append(kill_the_node_service())
+
+
+def fit_killing(
+    trainable: Any,
+    storage: Path,
+    n: list[int],
+    killer: KillTheNodeService,
+    **tune_config: Any,
+) -> Any:
+    """A sweep over ``n``, one trial at a time, with ``killer`` among its
+    callbacks."""
+    results = tune.Tuner(
+        trainable,
+        param_space={"n": tune.grid_search(n)},
+        tune_config=tune.TuneConfig(max_concurrent_trials=1, **tune_config),
+        run_config=RunConfig(
+            name="killed", storage_path=str(storage), callbacks=[killer], verbose=0
+        ),
+    ).fit()
+    assert len(killer.killed) == 1
+    return results
 
 
 @wandb_trainable(project="node")
@@ -138,17 +167,14 @@ def test_after_the_node_service_dies_later_trials_log_through_their_own(
     # service, or a new one given its address) starts a W&B service of its
     # own (checked to fail: without that, the later trials had no run). The
     # first trial's run may have been cut short by the kill: not read.
-    killer = KillTheServiceAfterTheFirstTrial()
     storage = tmp_path / "results"
-    results = tune.Tuner(
+    results = fit_killing(
         three_reports,
-        param_space={"n": tune.grid_search([1, 2, 3, 4])},
-        tune_config=tune.TuneConfig(max_concurrent_trials=1, reuse_actors=reuse_actors),
-        run_config=RunConfig(
-            name="killed", storage_path=str(storage), callbacks=[killer], verbose=0
-        ),
-    ).fit()
-    assert len(killer.killed) == 1
+        storage,
+        [1, 2, 3, 4],
+        KillTheNodeService(),
+        reuse_actors=reuse_actors,
+    )
     assert len(results) == 4 and not results.errors
     later = [r for r in results if r.config["n"] > 1]
     assert len(later) == 3
@@ -216,18 +242,6 @@ def test_a_restored_experiment_gets_its_node_service_too(ray_session, tmp_path):
     assert len(here) >= 1 and not any(here), here
 
 
-class KillTheServiceAtTheThirdResult(tune.Callback):
-    def __init__(self) -> None:
-        self.killed: list[int] = []
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"killed": []}
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        if result["training_iteration"] == 3 and not self.killed:
-            self.killed.append(kill_the_node_service())
-
-
 @wandb_trainable(project="node")
 def six_slow_reports(config):
     for i in range(1, 7):
@@ -247,20 +261,17 @@ def test_a_trial_whose_node_service_dies_keeps_every_result_in_its_run(
     # sync` joins them) every result is there once (checked to fail: without
     # the restart, the rows from the kill on were missing; without logging
     # again, those before it).
-    killer = KillTheServiceAtTheThirdResult()
     storage = tmp_path / "results"
-    results = tune.Tuner(
+    results = fit_killing(
         six_slow_reports,
-        param_space={"n": tune.grid_search([1])},
-        tune_config=tune.TuneConfig(reuse_actors=reuse_actors),
-        run_config=RunConfig(
-            name="midway", storage_path=str(storage), callbacks=[killer], verbose=0
-        ),
-    ).fit()
-    assert len(killer.killed) == 1
+        storage,
+        [1],
+        KillTheNodeService(at=3),
+        reuse_actors=reuse_actors,
+    )
     assert len(results) == 1 and not results.errors
     (result,) = results
-    attempts = read_runs(storage / "midway")[str(result.metrics["trial_id"])]
+    attempts = read_runs(storage / "killed")[str(result.metrics["trial_id"])]
     assert 1 <= len(attempts) <= 2
     rows = [row for run in attempts for row in run.rows]
     assert [row["training_iteration"] for row in rows] == [1, 2, 3, 4, 5, 6]
