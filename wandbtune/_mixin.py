@@ -102,17 +102,19 @@ class _Trial:
         if self.error is not None:  # the trial ended before it could be raised
             logger.error("wandbtune: this trial's W&B run failed: %r", self.error)
         if self.run is not None:
-            if self.outcome is not None:
-                self.run.record_outcome(self.outcome)
-            self.run.finish(failed=failed or self.failed, flush=flush)
+            self._finish_run(failed, flush)
             if self.run.service_gone:
                 self._start_again(None, guard=False)
                 if self.run is not None:
-                    if self.outcome is not None:
-                        self.run.record_outcome(self.outcome)
-                    self.run.finish(failed=failed or self.failed, flush=flush)
+                    self._finish_run(failed, flush)
         elif flush:
             flush_wandb()
+
+    def _finish_run(self, failed: bool, flush: bool) -> None:
+        assert self.run is not None
+        if self.outcome is not None:
+            self.run.record_outcome(self.outcome)
+        self.run.finish(failed=failed or self.failed, flush=flush)
 
     def _start_again(self, result: Optional[Mapping[str, Any]], *, guard: bool) -> None:
         """The node's W&B service died under this trial's run (killed, out of

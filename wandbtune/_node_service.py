@@ -85,9 +85,8 @@ def _name(job_id: str, node_id: str) -> str:
 
 # --- on the driver -----------------------------------------------------------------
 
-_started: list[Any] = []
-#: The nodes of the actors in ``_started``.
-_started_on: set[str] = set()
+#: The node actors started, by node id.
+_started: dict[str, Any] = {}
 #: The Ray job and cluster the actors in ``_started`` belong to (a fresh
 #: local cluster after ``ray.shutdown()`` numbers its jobs from 1 again).
 _started_job: Optional[str] = None
@@ -128,7 +127,6 @@ def start_all(trainable: Any) -> bool:
             # Left from another Ray session (ray.shutdown() and ray.init()
             # between fits, or a fit that ended without Tune's cleanup).
             _started.clear()
-            _started_on.clear()
             _users = 0
         _users += 1
         if _started:
@@ -153,7 +151,7 @@ def start_on_new_nodes() -> None:
     nodes = _alive_nodes()
     with _driver_lock:
         if _started and _started_job == job and job is not None:
-            _start_on([node for node in nodes if node not in _started_on], job)
+            _start_on([node for node in nodes if node not in _started], job)
 
 
 def _alive_nodes() -> list[str]:
@@ -188,8 +186,7 @@ def _start_on(nodes: list[str], job: str) -> None:
         except Exception as exc:  # noqa: BLE001 - trials start their own
             logger.debug("wandbtune: no W&B service on node %s: %r", node_id, exc)
             continue
-        _started.append(handle)
-        _started_on.add(node_id)
+        _started[node_id] = handle
 
 
 def drain_all() -> None:
@@ -201,7 +198,7 @@ def drain_all() -> None:
 
     with _driver_lock:
         _users = max(0, _users - 1)
-        handles = list(_started)
+        handles = list(_started.values())
         last = _users == 0
     if not handles:
         return
@@ -246,19 +243,18 @@ def drain_all() -> None:
         if _users == 0 and _started:  # no experiment started meanwhile
             try:
                 ray.wait(
-                    [h.stop.remote() for h in _started],
+                    [h.stop.remote() for h in _started.values()],
                     num_returns=len(_started),
                     timeout=STOP_WAIT_S,
                 )
             except Exception:  # noqa: BLE001 - killed below all the same
                 logger.debug("wandbtune: node W&B service stop", exc_info=True)
-            for handle in _started:
+            for handle in _started.values():
                 try:
                     ray.kill(handle)
                 except Exception:  # noqa: BLE001
                     pass
             _started.clear()
-            _started_on.clear()
 
 
 # --- in a trial process --------------------------------------------------------------

@@ -481,16 +481,13 @@ class TrialRun:
                 return
             step = self._step_for(row.get(TRAINING_ITERATION))
         except Exception as exc:  # noqa: BLE001 - logging never stops training
-            if self.node is not None and _compat.wandb_service_gone(exc):
-                self.service_gone = True  # a config change met the dead service
-                return
-            self._warn_once("log", f"a result was not logged to W&B: {exc!r}")
+            if not self._lost_service(exc):  # a config change can meet it too
+                self._warn_once("log", f"a result was not logged to W&B: {exc!r}")
             return
         try:
             self.run.log(row, step=step)
         except Exception as exc:  # noqa: BLE001
-            if self.node is not None and _compat.wandb_service_gone(exc):
-                self.service_gone = True
+            if self._lost_service(exc):
                 return
             self._warn_once(
                 "plain",
@@ -642,10 +639,8 @@ class TrialRun:
             try:
                 self.run.finish(exit_code=exit_code)
             except Exception as exc:  # noqa: BLE001
-                if self.node is None or not _compat.wandb_service_gone(exc):
+                if not self._lost_service(exc):
                     self._warn_once("finish", f"could not finish the W&B run: {exc!r}")
-                else:
-                    self.service_gone = True
         if self.service_gone:
             # The caller starts the run again, from what reached W&B: what
             # this process remembers of it went with the service.
@@ -661,15 +656,21 @@ class TrialRun:
             if _node_service.hand_over(self.node, self.run, exit_code):
                 return True
         except Exception as exc:  # noqa: BLE001
-            if _compat.wandb_service_gone(exc):
-                self.service_gone = True
-            elif getattr(self.run, "_is_finished", False):
+            # Service gone: finished nowhere, the caller starts it again.
+            if not self._lost_service(exc) and getattr(self.run, "_is_finished", False):
                 # Let go of already: the node's actor finishes it (as failed)
                 # when this process is gone.
                 self._warn_once("finish", f"the W&B run was not handed over: {exc!r}")
                 return True
         _node_service.forget(self.node, str(self.run.id))  # finished here
         return False
+
+    def _lost_service(self, exc: BaseException) -> bool:
+        """True if ``exc`` says the node's W&B service this run is on is gone
+        (then ``service_gone`` is set: the caller starts the run again)."""
+        if self.node is not None and _compat.wandb_service_gone(exc):
+            self.service_gone = True
+        return self.service_gone
 
     def _warn_once(self, what: str, message: str) -> None:
         if what not in self._warned:
