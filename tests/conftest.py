@@ -96,10 +96,52 @@ def start_ray() -> None:
         include_dashboard=False,
         log_to_driver=False,
         runtime_env={
-            "env_vars": {"PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path[:1]])}
+            "env_vars": {"PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path[:1]])},
+            "worker_process_setup_hook": "tests.worker_setup.dump_stacks_on_sigusr2",
         },
     )
     _session["dir"] = Path(context.address_info["session_dir"])
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: Any, call: Any) -> Iterator[None]:
+    """When a test times out (pytest-timeout), add the stacks of the Ray
+    workers' threads to its report: a hang in a trial actor shows there, not in
+    the driver's stack that pytest-timeout prints."""
+    outcome = yield
+    report = outcome.get_result()
+    # pytest-timeout fails the test and prints a "+++ Timeout +++" banner
+    # (when Ray's signal check swallows the failure, the test ends otherwise).
+    said = f"{report.longrepr}\n{report.capstdout}"
+    if not (report.failed and call.when == "call" and "Timeout" in said):
+        return
+    if not _session:
+        return
+    logs = _session["dir"] / "logs"
+    sizes = {path: path.stat().st_size for path in logs.glob("worker-*.err")}
+    signalled = 0
+    for path in sizes:
+        # Ray names them worker-<worker id>-<job id>-<pid>.err
+        pid = path.stem.rsplit("-", 1)[-1]
+        try:
+            os.kill(int(pid), signal.SIGUSR2)
+            signalled += 1
+        except (ValueError, OSError):  # not a pid, or the process is gone
+            pass
+    time.sleep(2.0)
+    stacks = []
+    for path in sorted(logs.glob("worker-*.err")):
+        with path.open("rb") as file:
+            file.seek(sizes.get(path, 0))
+            new = file.read().decode(errors="replace")
+        if "Thread 0x" in new or "Current thread" in new:
+            stacks.append(f"--- {path.name}\n{new}")
+    report.sections.append(
+        (
+            f"stacks of {signalled} Ray worker processes at the timeout",
+            "\n".join(stacks) or "(none written)",
+        )
+    )
 
 
 def worker_stderr() -> str:
