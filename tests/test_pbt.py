@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from ray import tune
+from ray.tune.experiment import Trial
 from ray.tune.schedulers import PopulationBasedTraining
 
 from tests.helpers import read_sweep
@@ -56,10 +57,25 @@ def _climb(config):
 PARAM_SPACE = {"lr": tune.grid_search([0.1, 0.5, 1.0, 2.0])}
 
 
+class _SynchPBT(PopulationBasedTraining):
+    """Synch PBT without a bug of Tune's (ray-project/ray#57906, open; in Ray
+    2.30 and 2.60 alike): an exploit that pauses a trial while Tune saves its
+    checkpoint leaves a STOP cached for the trial, which ends it at its next
+    save. If it was the last trial short of a sync point, the others stay
+    PAUSED and Tune loops without end (CI hung 600 s on it once, 2026-12-01).
+    The pause discards the save that STOP waited for: it is dropped here."""
+
+    def _exploit(self, tune_controller, trial, trial_to_clone):
+        saving = trial.status == Trial.RUNNING and trial.is_saving
+        super()._exploit(tune_controller, trial, trial_to_clone)
+        if saving:
+            tune_controller._cached_trial_decisions.pop(trial.trial_id, None)
+
+
 def pbt() -> PopulationBasedTraining:
     """PBT that reliably exploits with _climb: every 3 iterations, in step
     (synch), the lower half clones the upper half's checkpoint at 2 (or 8)."""
-    return PopulationBasedTraining(
+    return _SynchPBT(
         time_attr="training_iteration",
         perturbation_interval=3,
         hyperparam_mutations={"lr": [0.1, 0.5, 1.0, 2.0]},
@@ -134,7 +150,9 @@ def test_pbt_every_recorded_result_is_in_w_and_b_and_exploits_are_recorded(
         assert steps == sorted(set(steps))  # W&B drops no row: steps increase
         in_wandb = [(row["training_iteration"], round(row["score"], 9)) for row in rows]
         recorded = received.rows[trial_id]
-        assert len(recorded) >= 5  # (Tune may record fewer for a trial PBT ended)
+        # Every trial went all the way (_SynchPBT); a returning function's
+        # last result can be one more on Ray 2.30.
+        assert max(iteration for iteration, _ in recorded) >= 9
         # Every result, in Tune's order; a repeat of the same computation (a
         # trial PBT paused goes on from its own checkpoint: same iteration,
         # same value) once, as after a retry.
