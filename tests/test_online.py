@@ -99,10 +99,17 @@ def plain_five_reports(config):
         report({"score": config["lr"] * i, "i": i})
 
 
+@wandb_trainable(project="online-reused", **with_key())
+def five_reports_in_reused_actors(config):
+    for i in range(1, 6):
+        report({"score": config["lr"] * i, "i": i})
+
+
 @pytest.fixture(scope="module")
 def sweeps(online: Online, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """One decorated and one callback sweep of 2 trials x 5 reports, online,
-    each request and answer 40 ms late (a server across a network)."""
+    """One decorated and one callback sweep of 2 trials x 5 reports, and a
+    decorated one of 4 trials in 2 reused actors (``reuse_actors=True``), all
+    online, each request and answer 40 ms late (a server across a network)."""
     tmp = tmp_path_factory.mktemp("sweeps")
     online.proxy.reset()
     online.proxy.set_latency(0.04)
@@ -122,9 +129,18 @@ def sweeps(online: Online, tmp_path_factory: pytest.TempPathFactory) -> dict[str
                 )
             ],
         )
+        reused = tune.Tuner(
+            five_reports_in_reused_actors,
+            param_space={"lr": tune.grid_search([0.1, 0.2, 0.3, 0.4])},
+            tune_config=tune.TuneConfig(max_concurrent_trials=2, reuse_actors=True),
+            run_config=RunConfig(
+                name="exp", storage_path=str(tmp / "reused" / "results"), verbose=0
+            ),
+        ).fit()
         return {
             "decorator": decorated,
             "callback": callback,
+            "reused": reused,
             "dir": tmp,
             "keys": online.proxy.keys_seen(),
             "requests": online.proxy.count(),
@@ -138,9 +154,14 @@ IDENTITY = ("trial_id", "pid", "hostname", "node_ip")
 
 
 def _assert_complete_on_server(
-    online: Online, results: Any, project: str, *, experiment_run: bool = False
+    online: Online,
+    results: Any,
+    project: str,
+    *,
+    experiment_run: bool = False,
+    trials: int = 2,
 ) -> None:
-    assert len(results) == 2
+    assert len(results) == trials
     assert all(result.error is None for result in results)
     stored = online.store.runs(project)
     experiment = [k for k in stored if k.startswith("tune-")]
@@ -176,6 +197,16 @@ def _assert_complete_on_server(
 def test_every_trial_of_a_decorated_sweep_is_complete_on_the_server(online, sweeps):
     assert sweeps["requests"] > 0  # through the proxy, as the URL says
     _assert_complete_on_server(online, sweeps["decorator"], "online-decorator")
+
+
+def test_every_trial_in_reused_actors_is_complete_on_the_server(online, sweeps):
+    # Later trials of an actor start their runs while the earlier trial's run
+    # may still be handed over to the node's service (no online test had
+    # reuse_actors=True before).
+    results = sweeps["reused"]
+    pids = [result.metrics["pid"] for result in results]
+    assert len(pids) == 4 and len(set(pids)) < 4, pids  # an actor was reused
+    _assert_complete_on_server(online, results, "online-reused", trials=4)
 
 
 def test_every_trial_logged_by_the_callback_is_complete_on_the_server(online, sweeps):
