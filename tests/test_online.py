@@ -22,16 +22,17 @@ from typing import Any
 import pytest
 from ray import tune
 
-from tests.helpers import tune_iterations
+from tests import test_pbt
+from tests.helpers import read_sweep, tune_iterations
 from tests.online_fixtures import *  # noqa: F403 - the fixtures
 from tests.online_fixtures import Online, ray_worker_logs, with_key
 from tests.raycompat import Checkpoint, FailureConfig, RunConfig, get_checkpoint, report
-from tests.wandb_server import FAKE_KEY
+from tests.wandb_server import FAKE_KEY, stored_run_files
 from wandbtune import WandbLoggerCallback, wandb_trainable
 from wandbtune._compat import wandb_can_hand_over, wandb_inits_side_by_side
 from wandbtune._node_actor import CANCEL_WAIT_S, DEAD_GRACE_S
 from wandbtune._node_service import DRAIN_WAIT_S
-from wandbtune._run import INIT_TIMEOUT_S, TEARDOWN_TIMEOUT_S
+from wandbtune._run import EXPLOITS_KEY, INIT_TIMEOUT_S, TEARDOWN_TIMEOUT_S
 
 #: W&B's client backs off ~20 s, then ~33 s, after a 5xx from the file stream
 #: (measured, wandb 0.31); tests that inject 5xx shorten that (the property
@@ -369,6 +370,20 @@ def test_a_retried_trial_continues_its_server_run_without_repeating_a_row(
         if s.complete and s.status == 200 and f"/{run_id}/file_stream" in s.path
     ]
     assert ends == ([1, 0] if logged_by == "decorator" else [0])
+    # How it ended is the retry's: completed, without the first attempt's error
+    # (which W&B resumed with the run's summary).
+    # (The summary the client uploaded last: openwandb's summary column only
+    # ever adds keys, so a key W&B's client deleted stays there.)
+    uploaded = stored_run_files(online.store, run_id)
+    assert uploaded is not None
+    summary = uploaded.summary()
+    assert summary is not None and summary["tune/outcome"] == "completed"
+    assert "tune/error" not in summary, summary
+    if logged_by == "decorator":  # the first attempt's traceback, uploaded
+        files = stored_run_files(online.store, run_id)
+        assert files is not None
+        traceback = files.file("tune_error.txt")
+        assert traceback is not None and b"RuntimeError: flaky at 4" in traceback
 
 
 # --- c) throttling and server errors -----------------------------------------------
@@ -820,3 +835,66 @@ def test_a_wandb_base_url_set_on_the_driver_after_ray_started_reaches_the_trials
     # sent by wandb 0.31 from its environment, may still use the inherited one).
     run_traffic = [s.path for s in proxy.seen if "otel" not in s.path]
     assert run_traffic == []
+
+
+# --- PBT -----------------------------------------------------------------------
+
+
+@wandb_trainable(project="online-pbt", **with_key())
+def climb(config):
+    test_pbt._climb.__wrapped__(config)
+
+
+def _tag(dir_name: str) -> str:
+    """'climb_2a3a9_00000_0_lr=0.1000_2026-...' -> '0_lr=0.1000' (PBT's name
+    for the trial in pbt_global.txt)."""
+    found = re.search(r"_\d{5}_(\d+_lr=[\d.]+)_", dir_name)
+    assert found, dir_name
+    return found.group(1)
+
+
+@pytest.mark.timeout(600)
+def test_each_pbt_exploit_online_records_the_config_the_trial_left(online, tmp_path):
+    # Without reuse_actors each exploit starts in a new process, which resumes
+    # the run from the server: W&B lays the init's config (the new one) over
+    # the config it resumed, so the old one must be read before it is sent.
+    storage = tmp_path / "results"
+    results = tune.Tuner(
+        climb,
+        param_space=test_pbt.PARAM_SPACE,
+        tune_config=tune.TuneConfig(
+            scheduler=test_pbt.pbt(), metric="score", mode="max", reuse_actors=False
+        ),
+        run_config=RunConfig(name="pbt", storage_path=str(storage), verbose=0),
+    ).fit()
+    assert len(results) == 4 and not results.errors
+    policy = [
+        json.loads(line)
+        for line in (storage / "pbt" / "pbt_global.txt").read_text().splitlines()
+    ]
+    assert policy, "PBT exploited nothing: the test proves nothing"
+    trial_dirs = {test_pbt._trial_id(p): p.name for p in (storage / "pbt").iterdir()}
+    ids_by_tag = {_tag(name): t for t, name in trial_dirs.items() if t}
+    # What each attempt sent W&B (its local run log): an exploit's attempt
+    # lists it last under pbt/exploits.
+    out = read_sweep(results, storage, "pbt", allow_attempts=True)
+    assert len(out.attempts) == 4
+    seen = 0
+    for trial_id, attempts in out.attempts.items():
+        records: list[dict[str, Any]] = []
+        for attempt in attempts:
+            for record in attempt.summary.get(EXPLOITS_KEY, []):
+                if record not in records:
+                    records.append(record)
+        expected = [line for line in policy if ids_by_tag[line[0]] == trial_id]
+        assert len(records) == len(expected), (records, expected)
+        lr_before = float(_tag(trial_dirs[trial_id]).split("lr=")[1])
+        for record, line in zip(records, expected, strict=True):
+            assert record["old_config"] == {"lr": lr_before}, record
+            assert record["new_config"] == {"lr": line[5]["lr"]}, record
+            lr_before = record["new_config"]["lr"]
+            seen += 1
+        run = online.store.run(trial_id)
+        assert run is not None and run.state == "finished"
+        assert run.config["lr"] == lr_before  # the lineage it ended with
+    assert seen == len(policy)

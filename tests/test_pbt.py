@@ -166,7 +166,11 @@ def test_pbt_every_recorded_result_is_in_w_and_b_and_exploits_are_recorded(
         assert len(exploits) == len(expected), (exploits, expected)
         iterations = [i for i, _ in recorded]
         resumed_at = set(zip(iterations, iterations[1:], strict=False))
+        lr_before = float(_tag(trial_dirs[trial_id]).split("lr=")[1])
         for exploit, line in zip(exploits, expected, strict=True):
+            # the config it left, without the trial's identity (pid...)
+            assert exploit["old_config"] == {"lr": lr_before}, exploit
+            lr_before = exploit["new_config"]["lr"]
             assert exploit["source_trial"] == ids_by_tag[line[1]]
             assert exploit["iteration"] == line[2]
             assert exploit["new_config"]["lr"] == line[5]["lr"]

@@ -15,7 +15,7 @@ from typing import Any
 
 from wandbtune import _compat, _node_service
 from wandbtune._artifacts import log_checkpoint
-from wandbtune._row import TRAINING_ITERATION, clean, is_excluded, to_row
+from wandbtune._row import CONFIG_KEYS, TRAINING_ITERATION, clean, is_excluded, to_row
 from wandbtune._settings import CONFIG_KEY, GROUP_ENV_VAR, ConfigError, Settings
 
 logger = logging.getLogger("wandbtune")
@@ -356,6 +356,7 @@ class TrialRun:
         *,
         exploit: Exploit | None = None,
         node: Any = None,
+        config_after: Mapping[str, Any] | None = None,
     ) -> None:
         self.run = run
         self.settings = settings
@@ -387,8 +388,10 @@ class TrialRun:
         self._last_logged: tuple[int | None, int] | None = None
         if exploit is not None:
             self._start_lineage(exploit, earlier)
-        elif earlier.exploits:  # each attempt's summary lists them all
-            self.set_summary(EXPLOITS_KEY, earlier.exploits)
+        if config_after:
+            self._update_config(run_config(config_after, settings.excludes))
+        if exploit is None and earlier.exploits:
+            self.set_summary(EXPLOITS_KEY, earlier.exploits)  # each attempt lists all
         try:
             # Charts use Tune's iteration as their x-axis, and rows the user
             # logs without it get the last reported one (step_sync).
@@ -406,10 +409,18 @@ class TrialRun:
         node_service: bool = False,
         **trial: Any,
     ) -> TrialRun:
+        config_after = None
+        if exploit is not None:
+            # A resumed run gets the config W&B has, the trial's before the
+            # exploit (the exploit's old_config), with the init's laid over
+            # it: send the new config after reading the old.
+            config_after, trial = trial.get("config"), {**trial, "config": {}}
         started = start_run(settings, node_service=node_service, **trial)
         shared = node_service and settings.mode() != "disabled"
         node = _node_service.current() if shared else None
-        run = cls(started, settings, exploit=exploit, node=node)
+        run = cls(
+            started, settings, exploit=exploit, node=node, config_after=config_after
+        )
         if exploit is None and isinstance(restored_iteration, int):
             run.fill_in(trial.get("dir"), restored_iteration)
         return run
@@ -553,12 +564,27 @@ class TrialRun:
             "iteration": earlier.last_iteration,
             "source_trial": exploit.source_trial,
             "source_iteration": exploit.source_iteration,
-            "old_config": run_config(earlier.config, self.settings.excludes),
+            "old_config": {
+                key: value
+                for key, value in run_config(
+                    earlier.config, self.settings.excludes
+                ).items()
+                # the trial's identity (pid, hostname...) and W&B's own keys
+                if key not in CONFIG_KEYS and not key.startswith("_")
+            },
             "new_config": run_config(exploit.config, self.settings.excludes),
         }
         exploits = [*earlier.exploits, record]
         self._lineage = replace(earlier, exploits=exploits)
         self.set_summary(EXPLOITS_KEY, exploits)
+
+    def _summary_keys(self) -> set[str]:
+        """The keys of the run's summary (online, with what W&B resumed);
+        empty if W&B cannot say."""
+        try:
+            return set(self.run.summary.keys())
+        except Exception:  # noqa: BLE001
+            return set()
 
     def set_summary(self, key: str, value: Any) -> None:
         """Set one summary key of the run; trouble is one warning, never
@@ -617,11 +643,19 @@ class TrialRun:
         self.set_summary(OUTCOME_KEY, outcome.name)
         if outcome.error is not None:
             self.set_summary(ERROR_KEY, outcome.error)
+        elif ERROR_KEY in self._summary_keys():
+            # An earlier attempt's error, resumed with the run: not this one's.
+            try:
+                del self.run.summary[ERROR_KEY]
+            except Exception as exc:  # noqa: BLE001 - never stops training
+                self._warn_once("summary", f"{ERROR_KEY} was not cleared: {exc!r}")
         if outcome.traceback is not None:
             try:
                 path = os.path.join(self.run.dir, TRACEBACK_FILE)
                 with open(path, "w", encoding="utf-8") as fh:
                     fh.write(outcome.traceback)
+                # Written after W&B's start, so uploaded only if saved.
+                self.run.save(path, base_path=self.run.dir, policy="now")
             except Exception as exc:  # noqa: BLE001 - never stops training
                 self._warn_once("traceback", f"traceback not saved: {exc!r}")
 
