@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.raycompat import HAS_TUNE_REPORT
+from tests.test_experiment import last_table
+from wandbtune._run import EXPLOITS_KEY
 from wandbtune.testing import find_run_files, read_run
 
 # quickstart.py and asha.py use tune.report and tune.RunConfig (recent Ray);
@@ -94,6 +96,25 @@ def test_pbt_example_logs_every_trial_and_the_experiment(tmp_path, clean_env):
     assert len(experiment) == 1 and experiment[0].exit_code == 0
     assert "best/trial_id" in experiment[0].summary
     assert all(r.exit_code == 0 for r in trials)
+    # The experiment's exploits table and the trials' own records agree on
+    # where each exploiting trial was (asynchronous PBT logs the trial's
+    # iteration before the result that set the exploit off).
+    recorded = {
+        (r.run_id, e["iteration"], e["source_trial"], e["source_iteration"])
+        for r in trials
+        for e in r.summary.get(EXPLOITS_KEY, [])
+    }
+    table = {
+        (
+            row["trial_id"],
+            row["iteration"],
+            row["source_trial_id"],
+            row["source_iteration"],
+        )
+        for row in last_table(experiment[0], "exploits")
+    }
+    assert len(table) == experiment[0].summary["tune/exploits"]
+    assert table == recorded
 
 
 def test_ray_train_example_logs_one_run_from_rank_zero(tmp_path, clean_env):

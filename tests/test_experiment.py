@@ -150,6 +150,7 @@ def test_the_trials_table_has_one_row_per_trial_with_how_it_ended(ended):
     assert run.summary["tune/completed"] == 2
     assert run.summary["tune/early_stopped"] == run.summary["tune/error"] == 1
     assert run.summary["tune/interrupted"] == 0
+    assert run.summary["tune/results"] == 3 + 3 + 2 + 2  # each one Tune got
 
 
 def test_the_trials_table_is_logged_while_trials_run(ended):

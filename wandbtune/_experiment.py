@@ -557,6 +557,11 @@ class ExperimentLog:
             value = _lookup(result, metric)
             if _is_number(value):
                 self._update_best(trial_id, float(value))
+        # PBT logs an exploit while Tune handles the result that set it off
+        # (before this callback hears of it): read it now, knowing the result.
+        self._read_pbt_log(
+            [trial], current=(trial_id, result.get("training_iteration"))
+        )
         if self._run is not None:
             self._maybe_relog()
 
@@ -932,6 +937,8 @@ class ExperimentLog:
         update: dict[str, Any] = {"tune/trials": len(trials)}
         update.update({f"tune/{k}": v for k, v in counts.items()})
         update["tune/exploits"] = len(self._exploits)
+        # every result so far (the best's rows set it only when the best moves)
+        update[RESULTS_KEY] = self._results
         metric = self._setup.metric
         if best is None and self._best is not None:
             trial = self._seen.get(self._best[0])
@@ -955,9 +962,17 @@ class ExperimentLog:
 
     # --- PBT -------------------------------------------------------------------
 
-    def _read_pbt_log(self, trials: Sequence[Any]) -> None:
+    def _read_pbt_log(
+        self, trials: Sequence[Any], current: Optional[tuple[str, Any]] = None
+    ) -> None:
         """New lines of PBT's ``pbt_global.txt``: [trial tag, source tag,
-        trial iteration, source iteration, source config, new config]."""
+        trial iteration, source iteration, source config, new config].
+
+        ``current``: (trial id, training_iteration) of the result Tune is
+        handling. PBT writes the trial's iteration before that result is the
+        trial's last (asynchronous PBT exploits at the result: one behind);
+        where the trial is the current one, its iteration is the result's.
+        """
         path = next((p for p in map(_pbt_log, trials[:1]) if p), None)
         if path is None:
             return
@@ -968,8 +983,10 @@ class ExperimentLog:
         except OSError:
             return  # no PBT, or no exploit yet
         end = data.rfind(b"\n") + 1  # complete lines only
+        if not end:
+            return
         self._pbt_offset += end
-        for trial in trials:
+        for trial in [*trials, *self._trials()]:
             tag = getattr(trial, "experiment_tag", None)
             if isinstance(tag, str) and tag:
                 self._tags.setdefault(tag.split(_PERTURBED)[0], str(trial.trial_id))
@@ -982,6 +999,14 @@ class ExperimentLog:
             source_id = self._tags.get(str(source_tag).split(_PERTURBED)[0])
             if trial_id is None:
                 continue
+            if (
+                current is not None
+                and current[0] == trial_id
+                and _is_number(iteration)
+                and _is_number(current[1])
+                and iteration < current[1]
+            ):
+                iteration = current[1]
             new_config = self._config_of(new)
             old_config = self._exploit_configs.get(trial_id) or self._initial.get(
                 trial_id, {}
