@@ -306,3 +306,32 @@ def test_bad_arguments_are_named_and_the_key_is_never_pickled():
         ExperimentRun(projekt="p")
     callback = ExperimentRun(project="p", api_key="k" * 40)
     assert b"k" * 40 not in pickle.dumps(callback)
+
+
+@pytest.mark.parametrize("callback_first", [True, False])
+def test_the_callback_beside_an_experiment_run_leaves_the_experiment_run_to_it(
+    sweep, caplog, callback_first
+):
+    # Both log the experiment's run by default: one run, not a second start
+    # of the same id (online: "run ID ... is in use", a warning).
+    from wandbtune import WandbLoggerCallback
+
+    def fn(config):
+        for i in range(3):
+            report({"score": i})
+
+    with caplog.at_level(logging.WARNING, logger="wandbtune"):
+        out = sweep(
+            fn,
+            tune_config=tune.TuneConfig(metric="score", mode="max"),
+            callbacks=[
+                WandbLoggerCallback(project="both"),
+                ExperimentRun(project="both"),
+            ][:: 1 if callback_first else -1],
+        )
+    assert len(out.results) == 1 and not out.results.errors
+    assert [r.getMessage() for r in caplog.records] == []
+    assert len(out.experiment) == 1 and out.experiment[0].exit_code == 0
+    assert out.experiment[0].summary["tune/completed"] == 1
+    trials = list(out.runs.values())
+    assert len(trials) == 1 and len(trials[0].rows) == 3

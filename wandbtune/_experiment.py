@@ -63,6 +63,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Optional, TypeVar
@@ -262,6 +263,27 @@ def _like_the_trials(settings: Settings, trial: Any) -> Settings:
     if inherited:
         changes["init_kwargs"] = {**settings.init_kwargs, **inherited}
     return replace(settings, **changes) if changes else settings
+
+
+#: Every ExperimentLog of this process (the callback's, ExperimentRun's).
+_LOGS: weakref.WeakSet[ExperimentLog] = weakref.WeakSet()
+
+
+def experiment_runs_unfinished() -> bool:
+    """True while an experiment run of this process is starting or open: its
+    own end finishes it and waits for W&B (a teardown before would cut its
+    start short)."""
+    return any(log._starting is not None or log._run is not None for log in list(_LOGS))
+
+
+def experiment_run_in_this_fit() -> bool:
+    """True if the callbacks of the ``tune.run`` up the stack (the fit()
+    being set up) include an ``ExperimentRun``."""
+    callbacks = _compat.tune_run_arguments().get("callbacks")
+    try:
+        return any(isinstance(callback, ExperimentRun) for callback in callbacks or ())
+    except TypeError:  # not a list: nothing to go by
+        return False
 
 
 def _pbt_log(trial: Any) -> Optional[str]:
@@ -467,6 +489,7 @@ class ExperimentLog:
         self._info: dict[str, Any] = {}
         self._run: Any = None
         self._starting: Optional[_RunStart] = None
+        _LOGS.add(self)
         self._off = False
         self._warned = False
         self._finished = False

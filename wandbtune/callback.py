@@ -13,7 +13,13 @@ from ray.tune.logger import LoggerCallback
 
 from wandbtune import _compat
 from wandbtune._callback_runs import CallbackRuns
-from wandbtune._experiment import ExperimentLog, TrialOutcomes, tune_setup
+from wandbtune._experiment import (
+    ExperimentLog,
+    TrialOutcomes,
+    experiment_run_in_this_fit,
+    experiment_runs_unfinished,
+    tune_setup,
+)
 from wandbtune._mixin import WandbTrainableMixin
 from wandbtune._run import (
     ERROR,
@@ -106,6 +112,15 @@ class WandbLoggerCallback(LoggerCallback):  # type: ignore[misc]
         total_num_samples: Optional[int] = None,
         **info: Any,
     ) -> None:
+        if self._experiment is not None and experiment_run_in_this_fit():
+            # An ExperimentRun in the same fit() logs the experiment's run
+            # (the same run: a second start would find its id in use).
+            logger.info(
+                "wandbtune: WandbLoggerCallback leaves the experiment's run to "
+                "the ExperimentRun beside it."
+            )
+            self._experiment = None
+            self._outcomes = TrialOutcomes()
         if self._experiment is not None:
             self._experiment.setup(
                 stop=stop,
@@ -251,7 +266,11 @@ class WandbLoggerCallback(LoggerCallback):  # type: ignore[misc]
                 self._experiment.on_experiment_end(trials, flush=False)
         finally:
             self._runs.close()
-        if "wandb" in sys.modules and _compat.wandb_open_runs() == 0:
+        if (
+            "wandb" in sys.modules
+            and _compat.wandb_open_runs() == 0
+            and not experiment_runs_unfinished()  # an ExperimentRun's, ending later
+        ):
             # No run of the user's is open in this process either: wait until
             # W&B's service has written everything before fit() returns.
             # (With one open, shutting the service down would end it too.)
