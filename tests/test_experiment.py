@@ -270,20 +270,31 @@ def test_after_ctrl_c_the_experiment_run_is_complete_when_fit_returns(tmp_path):
 # --- never in Tune's way --------------------------------------------------------------
 
 
+def three_scores(config):
+    for i in range(3):
+        report({"score": i})
+
+
+def _sweep_with(sweep, trainable, callbacks, caplog):
+    """One trial of three scores with these callbacks; wandbtune's warnings
+    in ``caplog``."""
+    with caplog.at_level(logging.WARNING, logger="wandbtune"):
+        return sweep(
+            trainable,
+            tune_config=tune.TuneConfig(metric="score", mode="max"),
+            callbacks=callbacks,
+        )
+
+
 def test_when_w_and_b_is_unreachable_the_sweep_goes_on_with_one_warning(sweep, caplog):
     from tests.test_lifecycle import UNREACHABLE
 
-    @wandb_trainable(project="experiment")
-    def fn(config):
-        for i in range(3):
-            report({"score": i})
-
-    with caplog.at_level(logging.WARNING, logger="wandbtune"):
-        out = sweep(
-            fn,
-            tune_config=tune.TuneConfig(metric="score", mode="max"),
-            callbacks=[ExperimentRun(project="outage", **UNREACHABLE)],
-        )
+    out = _sweep_with(
+        sweep,
+        wandb_trainable(project="experiment")(three_scores),
+        [ExperimentRun(project="outage", **UNREACHABLE)],
+        caplog,
+    )
     assert len(out.results) == 1 and not out.results.errors
     warnings = [r for r in caplog.records if "experiment's W&B run" in r.getMessage()]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
@@ -313,22 +324,11 @@ def test_the_callback_beside_an_experiment_run_leaves_the_experiment_run_to_it(
     sweep, caplog, callback_first
 ):
     # Both log the experiment's run by default: one run, not a second start
-    # of the same id (online: "run ID ... is in use", a warning).
+    # of the same id ("run ID ... is in use", a warning, offline too).
     from wandbtune import WandbLoggerCallback
 
-    def fn(config):
-        for i in range(3):
-            report({"score": i})
-
-    with caplog.at_level(logging.WARNING, logger="wandbtune"):
-        out = sweep(
-            fn,
-            tune_config=tune.TuneConfig(metric="score", mode="max"),
-            callbacks=[
-                WandbLoggerCallback(project="both"),
-                ExperimentRun(project="both"),
-            ][:: 1 if callback_first else -1],
-        )
+    both = [WandbLoggerCallback(project="both"), ExperimentRun(project="both")]
+    out = _sweep_with(sweep, three_scores, both[:: 1 if callback_first else -1], caplog)
     assert len(out.results) == 1 and not out.results.errors
     assert [r.getMessage() for r in caplog.records] == []
     assert len(out.experiment) == 1 and out.experiment[0].exit_code == 0
