@@ -1009,7 +1009,7 @@ class ExperimentLog:
         if not end:
             return
         self._pbt_offset += end
-        for trial in [*trials, *self._trials()]:
+        for trial in self._trials():  # every trial seen, ``trials`` included
             tag = getattr(trial, "experiment_tag", None)
             if isinstance(tag, str) and tag:
                 self._tags.setdefault(tag.split(_PERTURBED)[0], str(trial.trial_id))
