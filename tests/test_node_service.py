@@ -9,9 +9,11 @@ test_online.py; a killed trial's run in test_faults.py.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -19,8 +21,9 @@ from typing import Any, Optional
 import pytest
 import ray
 from ray import tune
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
-from tests.raycompat import RunConfig, report
+from tests.raycompat import Checkpoint, RunConfig, get_checkpoint, report
 from wandbtune import wandb_trainable
 from wandbtune._compat import wandb_can_hand_over
 from wandbtune._node_service import NAMESPACE
@@ -277,3 +280,94 @@ def test_a_trial_whose_node_service_dies_keeps_every_result_in_its_run(
     assert [row["training_iteration"] for row in rows] == [1, 2, 3, 4, 5, 6]
     assert [row["score"] for row in rows] == [11, 12, 13, 14, 15, 16]
     assert attempts[-1].exit_code == 0
+
+
+class PauseOnce(FIFOScheduler):
+    """Pauses each trial once, at its config's ``pause_at`` iteration (0:
+    never), as PBT pauses a trial it exploits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.paused: set[str] = set()
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        if result["training_iteration"] == trial.config["pause_at"]:
+            if trial.trial_id not in self.paused:
+                self.paused.add(trial.trial_id)
+                return TrialScheduler.PAUSE
+        return TrialScheduler.CONTINUE
+
+
+#: Run ids whose hand-over this process holds back (``hold_back_hand_overs_until``).
+_HELD_BACK: set[str] = set()
+
+
+def hold_back_hand_overs_until(resumed: Path) -> None:
+    """In this trial process: the first hand-over of a run in ``_HELD_BACK``
+    waits until ``resumed`` exists (at most 30 s). A delay injected into
+    wandbtune's own call, standing in for a W&B thread that a loaded
+    machine holds up (seen in CI), so that the paused trial resumes
+    elsewhere while its first actor is still handing its run over."""
+    from wandbtune import _node_service
+
+    real = _node_service.hand_over
+    if getattr(real, "held_back", False):
+        return
+
+    def hand_over(node: Any, run: Any, exit_code: int) -> bool:
+        if str(run.id) in _HELD_BACK:
+            _HELD_BACK.discard(str(run.id))
+            deadline = time.monotonic() + 30.0
+            while not resumed.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        return real(node, run, exit_code)
+
+    hand_over.held_back = True  # type: ignore[attr-defined]
+    _node_service.hand_over = hand_over
+
+
+@wandb_trainable(project="node")
+def pauses_once(config):
+    resumed = Path(config["resumed"])
+    hold_back_hand_overs_until(resumed)
+    if config["pause_at"]:
+        _HELD_BACK.add(tune.get_context().get_trial_id())
+    start = 0
+    checkpoint = get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as path:
+            start = json.loads(Path(path, "state.json").read_text())["i"]
+        resumed.touch()
+    for i in range(start + 1, 7):
+        time.sleep(0.1)
+        with tempfile.TemporaryDirectory() as path:
+            Path(path, "state.json").write_text(json.dumps({"i": i}))
+            report({"score": i}, checkpoint=Checkpoint.from_directory(path))
+
+
+def test_a_paused_trial_resumed_in_another_actor_keeps_both_its_segments(
+    sweep, tmp_path
+):
+    # reuse_actors: Tune pauses a trial (as PBT does) and resets its actor for
+    # the next trial, which hands the paused trial's run over in the
+    # background; the paused trial resumes in the other actor meanwhile. Its
+    # new start must wait for that hand-over: before, the node's service
+    # finished the first segment as failed at once, and the late hand-over
+    # then ended the resumed segment's stream, losing its rows (checked to
+    # fail so: exit code 1, and scores [3, 4] of [3, 4, 5, 6]).
+    out = sweep(
+        pauses_once,
+        {"pause_at": tune.grid_search([2, 0, 0]), "resumed": str(tmp_path / "resumed")},
+        tune_config=tune.TuneConfig(reuse_actors=True, scheduler=PauseOnce()),
+        allow_attempts=True,
+    )
+    assert len(out.results) == 3 and not out.results.errors
+    paused = next(r for r in out.results if r.config["pause_at"] == 2)
+    pids = paused.metrics_dataframe["pid"].tolist()
+    assert len(pids) == 6 and len(set(pids)) == 2, pids  # it moved
+    assert len(out.attempts) == 3 and out.aborted == []
+    for result in out.results:
+        segments = out.attempts[str(result.metrics["trial_id"])]
+        assert len(segments) == (2 if result is paused else 1)
+        assert [s.exit_code for s in segments] == [0] * len(segments)
+        assert [i for s in segments for i in s.column("score")] == [1, 2, 3, 4, 5, 6]

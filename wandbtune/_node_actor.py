@@ -27,6 +27,9 @@ CANCEL_WAIT_S = 5.0
 DEAD_GRACE_S = 5.0
 #: How often the actor looks for dead trial processes.
 WATCH_INTERVAL_S = 1.0
+#: How long a moved trial's start waits for the live process that holds its
+#: run to hand it over (``NodeService.release``).
+HAND_OVER_WAIT_S = 15.0
 
 
 class NodeService:
@@ -56,28 +59,53 @@ class NodeService:
         with self._lock:
             self._open[run_id] = pid
 
-    def forget(self, run_id: str) -> None:
+    def forget(self, run_id: str, pid: Optional[int] = None) -> None:
         """The trial finished ``run_id`` itself: nothing to do for it."""
         with self._lock:
-            self._open.pop(run_id, None)
+            if pid is None or self._open.get(run_id) == pid:
+                self._open.pop(run_id, None)
 
-    def finish(self, run_id: str, exit_code: int) -> None:
+    def finish(self, run_id: str, exit_code: int, pid: Optional[int] = None) -> None:
         """Finish a handed-over run in the background; returns at once. It
         waits for its uploads as long as W&B's ``finish_timeout`` lets it, or
-        until ``drain`` stops them."""
+        until ``drain`` stops them. From process ``pid``: nothing to do if
+        another process logs to the run by now (its earlier attempt was
+        ended for it: ``release``)."""
+        with self._lock:
+            holder = self._open.get(run_id)
+        if pid is not None and holder is not None and holder != pid:
+            logger.debug("wandbtune: W&B run %s is another attempt's now", run_id)
+            return
         self._start_finishing(run_id, exit_code)
 
-    def release(self, run_id: str, timeout: float) -> bool:
-        """Before another attempt of ``run_id`` starts: end what an earlier
-        attempt left open here (failed), and wait until its run is finished;
-        True if nothing of it is left."""
+    def release(self, run_id: str, timeout: float, pid: Optional[int] = None) -> bool:
+        """Before another attempt of ``run_id`` starts (in process ``pid``):
+        end what an earlier attempt left open here, and wait until its run is
+        finished; True if nothing of it is left.
+
+        A run whose process lives is being handed over: with
+        ``reuse_actors`` Tune resets a paused trial's actor for another trial
+        (the hand-over starts then, in the background) and may resume the
+        paused trial in another actor at once. It is waited for, bounded; a
+        dead process's run, or one not handed over in time, is finished here
+        as failed."""
+        deadline = time.monotonic() + timeout
         with self._lock:
-            pid = self._open.get(run_id)
-        if pid is not None:
+            holder = self._open.get(run_id)
+        if holder is not None and holder != pid and _alive(holder):
+            handed_over = time.monotonic() + min(HAND_OVER_WAIT_S, timeout / 2)
+            while time.monotonic() < handed_over and _alive(holder):
+                time.sleep(0.05)
+                with self._lock:
+                    if self._open.get(run_id) != holder:
+                        break
+        with self._lock:
+            left_open = run_id in self._open
+        if left_open:
             self._start_finishing(run_id, 1)
         with self._lock:
             done = self._finishing.get(run_id)
-        return done is None or done.wait(timeout)
+        return done is None or done.wait(max(0.0, deadline - time.monotonic()))
 
     def drain(self, timeout: float, everything: bool = True) -> list[str]:
         """At the end of the experiment: finish every run (``everything``:

@@ -23,6 +23,11 @@ finishes it in the background: uploads done, or on disk for ``wandb sync``.
   node's actor to let go of its run id (``release``): the service would
   refuse a second stream under the same id, and the earlier attempt's end
   must reach W&B before the new attempt resumes the run.
+- **A trial moved on.** With ``reuse_actors`` Tune resets a paused trial's
+  actor for another trial, which hands the run over in the background, and
+  may resume the paused trial in another actor meanwhile. Its start waits
+  (``release``, bounded) until the live process has handed the run over;
+  a hand-over from a process the run has since moved away from is ignored.
 - **Where it is not used** (each trial process runs its own W&B service, as
   before): a wandb whose service API differs (``_compat.wandb_can_hand_over``),
   a node that joined after the experiment started, an actor that did not
@@ -329,7 +334,10 @@ def release(run_id: str) -> None:
         ]
         if handles:
             ray.get(
-                [h.release.remote(run_id, RELEASE_WAIT_S) for h in handles],
+                [
+                    h.release.remote(run_id, RELEASE_WAIT_S, os.getpid())
+                    for h in handles
+                ],
                 timeout=RELEASE_WAIT_S + 5.0,
             )
     except Exception as exc:  # noqa: BLE001 - the start goes on
@@ -342,7 +350,10 @@ def register(node: Any, run_id: str) -> None:
     import ray
 
     try:
-        ray.get(node.register.remote(run_id, os.getpid()), timeout=CONNECT_TIMEOUT_S)
+        ray.get(
+            node.register.remote(run_id, os.getpid()),
+            timeout=CONNECT_TIMEOUT_S,
+        )
     except Exception as exc:  # noqa: BLE001 - the run is handed over all the same
         logger.debug("wandbtune: run %s not registered: %r", run_id, exc)
 
@@ -350,7 +361,7 @@ def register(node: Any, run_id: str) -> None:
 def forget(node: Any, run_id: str) -> None:
     """Tell the node's actor this process finished ``run_id`` itself."""
     try:
-        node.forget.remote(run_id)
+        node.forget.remote(run_id, os.getpid())
     except Exception as exc:  # noqa: BLE001
         logger.debug("wandbtune: run %s not forgotten: %r", run_id, exc)
 
@@ -362,5 +373,8 @@ def hand_over(node: Any, run: Any, exit_code: int) -> bool:
 
     if not _compat.wandb_hand_over(run, timeout=CONNECT_TIMEOUT_S):
         return False
-    ray.get(node.finish.remote(str(run.id), exit_code), timeout=CONNECT_TIMEOUT_S)
+    ray.get(
+        node.finish.remote(str(run.id), exit_code, os.getpid()),
+        timeout=CONNECT_TIMEOUT_S,
+    )
     return True
