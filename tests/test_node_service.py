@@ -348,17 +348,21 @@ def pauses_once(config):
 def test_a_paused_trial_resumed_in_another_actor_keeps_both_its_segments(
     sweep, tmp_path
 ):
-    # reuse_actors: Tune pauses a trial (as PBT does) and resets its actor for
-    # the next trial, which hands the paused trial's run over in the
-    # background; the paused trial resumes in the other actor meanwhile. Its
-    # new start must wait for that hand-over: before, the node's service
-    # finished the first segment as failed at once, and the late hand-over
-    # then ended the resumed segment's stream, losing its rows (checked to
-    # fail so: exit code 1, and scores [3, 4] of [3, 4, 5, 6]).
+    # Tune pauses a trial (as PBT does) while its actor's W&B thread still
+    # hands the trial's run over (a loaded machine), and resumes the trial in
+    # another actor: its new start must wait for that hand-over. Without
+    # reuse_actors the move is certain (Tune stops the first actor, whose
+    # cleanup waits for W&B); with it (PBT's usual setting) Tune resets the
+    # first actor for another trial, the hand-over runs in the background,
+    # and the same race happens whenever the trial moves. Before, the node's
+    # service finished the first segment as failed at once, and with
+    # reuse_actors the late hand-over then ended the resumed segment's
+    # stream, losing its rows (checked to fail so: exit code 1 both ways,
+    # and scores [3, 4] of [3, 4, 5, 6] with reuse_actors).
     out = sweep(
         pauses_once,
         {"pause_at": tune.grid_search([2, 0, 0]), "resumed": str(tmp_path / "resumed")},
-        tune_config=tune.TuneConfig(reuse_actors=True, scheduler=PauseOnce()),
+        tune_config=tune.TuneConfig(reuse_actors=False, scheduler=PauseOnce()),
         allow_attempts=True,
     )
     assert len(out.results) == 3 and not out.results.errors
