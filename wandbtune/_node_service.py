@@ -350,10 +350,7 @@ def register(node: Any, run_id: str) -> None:
     import ray
 
     try:
-        ray.get(
-            node.register.remote(run_id, os.getpid()),
-            timeout=CONNECT_TIMEOUT_S,
-        )
+        ray.get(node.register.remote(run_id, os.getpid()), timeout=CONNECT_TIMEOUT_S)
     except Exception as exc:  # noqa: BLE001 - the run is handed over all the same
         logger.debug("wandbtune: run %s not registered: %r", run_id, exc)
 
