@@ -25,7 +25,7 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from tests.raycompat import Checkpoint, RunConfig, get_checkpoint, report
 from wandbtune import wandb_trainable
-from wandbtune._compat import wandb_can_hand_over
+from wandbtune._compat import in_ray_worker, wandb_can_hand_over
 from wandbtune._node_service import NAMESPACE
 from wandbtune.testing import read_runs
 
@@ -375,3 +375,92 @@ def test_a_paused_trial_resumed_in_another_actor_keeps_both_its_segments(
         assert len(segments) == (2 if result is paused else 1)
         assert [s.exit_code for s in segments] == [0] * len(segments)
         assert [i for s in segments for i in s.column("score")] == [1, 2, 3, 4, 5, 6]
+
+
+def hold_back_first_starts() -> None:
+    """In a trial process: the first start of a run whose config has
+    ``pause_at`` and ``start_held`` waits until ``resumed`` exists (at most
+    30 s), and creates ``start_held`` so that no later start of it waits. A
+    delay injected into wandbtune's own call, standing in for a W&B start
+    that a loaded machine holds up (44–55 s seen for a fresh process's first
+    start with two busy loops beside examples/pbt.py), so that the trial is
+    paused and resumes in another actor before its first segment's run
+    starts. Installed when a trial process loads this module (to unpickle
+    the trainable), before any start: the trial's own code would come too
+    late where wandb is imported already."""
+    from wandbtune import _run
+
+    real = _run._init
+    if getattr(real, "held_back", False):
+        return
+
+    def _init(settings: Any, kwargs: dict[str, Any], key: Any, **options: Any) -> Any:
+        config = kwargs.get("config") or {}
+        held = config.get("start_held")
+        if config.get("pause_at") and held and not Path(held).exists():
+            Path(held).touch()
+            resumed = Path(config["resumed"])
+            deadline = time.monotonic() + 30.0
+            while not resumed.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        return real(settings, kwargs, key, **options)
+
+    _init.held_back = True  # type: ignore[attr-defined]
+    _run._init = _init
+
+
+if in_ray_worker():
+    hold_back_first_starts()
+
+
+@wandb_trainable(project="node")
+def starts_late_once(config):
+    resumed = Path(config["resumed"])
+    start = 0
+    checkpoint = get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as path:
+            start = json.loads(Path(path, "state.json").read_text())["i"]
+        import wandb
+
+        assert wandb.run is not None  # waits until this segment's run started
+        resumed.touch()
+    for i in range(start + 1, 7):
+        time.sleep(0.1)
+        with tempfile.TemporaryDirectory() as path:
+            Path(path, "state.json").write_text(json.dumps({"i": i}))
+            report({"score": i}, checkpoint=Checkpoint.from_directory(path))
+
+
+def test_a_segment_whose_start_comes_round_after_the_trial_moved_on_leaves_it_the_run(
+    sweep, tmp_path
+):
+    # A paused trial's first segment ran and ended before its W&B start came
+    # round (held back here); the trial resumed in another actor, whose start
+    # opened the run and logged the first segment's rows from Tune's
+    # result.json. The late start must leave the run alone. Checked to fail
+    # without that: it opened the run again after the resumed segment, a
+    # second, empty run file (under load, seen in CI's examples/pbt.py test:
+    # the two starts collided and a segment ended with exit code 1).
+    out = sweep(
+        starts_late_once,
+        {
+            "pause_at": tune.grid_search([2, 0]),
+            "resumed": str(tmp_path / "resumed"),
+            "start_held": str(tmp_path / "held"),
+        },
+        tune_config=tune.TuneConfig(reuse_actors=False, scheduler=PauseOnce()),
+        allow_attempts=True,
+    )
+    assert (tmp_path / "held").exists(), "the first start was not held back"
+    assert len(out.results) == 2 and not out.results.errors
+    paused = next(r for r in out.results if r.config["pause_at"] == 2)
+    pids = paused.metrics_dataframe["pid"].tolist()
+    assert len(pids) == 6 and len(set(pids)) == 2, pids  # it moved
+    assert out.aborted == []
+    for result in out.results:
+        segments = out.attempts[str(result.metrics["trial_id"])]
+        assert len(segments) == 1, [s.column("score") for s in segments]
+        assert [s.exit_code for s in segments] == [0]
+        assert segments[0].column("score") == [1, 2, 3, 4, 5, 6]
+        assert segments[0].column("training_iteration") == [1, 2, 3, 4, 5, 6]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, ClassVar, Optional
@@ -64,6 +65,11 @@ class _Trial:
         self.run: Optional[TrialRun] = None
         self.error: Optional[BaseException] = None
         self.started = threading.Event()
+        #: When the trial's segment in this actor began (wall-clock time),
+        #: and whether it is over (set before its finish is submitted): a
+        #: start that comes round after that is late.
+        self.began = time.time()
+        self.ended = False
         self.failed = False
         #: Whether user code waits for the rows before it (until W&B once
         #: took longer than _WAIT_S: a hung W&B must not slow every report).
@@ -78,13 +84,22 @@ class _Trial:
             import wandb  # noqa: F401 - imported here, off the trial's threads
 
             self.gate.install()
-            self.run = start_or_warn(self.settings, node_service=True, **self.trial)
+            self.run = start_or_warn(
+                self.settings,
+                node_service=True,
+                ended_since=self._ended_since,
+                **self.trial,
+            )
             if self.run is not None:
                 _init_guard.install(self.run.run, owner=threading.current_thread())
         except BaseException as exc:  # noqa: BLE001 - raised in the trial's thread
             self.error = exc
         finally:
             self.started.set()
+
+    def _ended_since(self) -> Optional[float]:
+        """When this segment began, if it is over by now."""
+        return self.began if self.ended else None
 
     def log_result(self, result: Mapping[str, Any]) -> None:
         if self.run is not None:
@@ -386,6 +401,7 @@ class WandbTrainableMixin:
                 _active = None
             _instrumented = False
         if trial is not None:
+            trial.ended = True
             _worker.submit(trial.finish, failed, flush)
         elif flush:
             # The run was finished earlier (the function returned, or a

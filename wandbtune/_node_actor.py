@@ -42,6 +42,9 @@ class NodeService:
         self._lock = threading.Lock()
         #: open runs: run id -> pid of the trial process logging to it
         self._open: dict[str, int] = {}
+        #: every run started here: run id -> (pid, wall-clock time) of its
+        #: latest start
+        self._registered: dict[str, tuple[int, float]] = {}
         #: runs being finished, set when done
         self._finishing: dict[str, threading.Event] = {}
         #: exits sent, not answered yet (cancelled at the drain's deadline)
@@ -58,6 +61,15 @@ class NodeService:
     def register(self, run_id: str, pid: int) -> None:
         with self._lock:
             self._open[run_id] = pid
+            self._registered[run_id] = (pid, time.time())
+
+    def started_elsewhere(self, run_id: str, pid: int, since: float) -> bool:
+        """Whether a process other than ``pid`` started ``run_id`` here after
+        ``since`` (wall-clock time): the trial went on in another actor
+        (``_run.RunMovedOn``)."""
+        with self._lock:
+            last = self._registered.get(run_id)
+        return last is not None and last[0] != pid and last[1] > since
 
     def forget(self, run_id: str, pid: Optional[int] = None) -> None:
         """The trial finished ``run_id`` itself: nothing to do for it."""

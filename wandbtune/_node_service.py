@@ -28,6 +28,11 @@ finishes it in the background: uploads done, or on disk for ``wandb sync``.
   may resume the paused trial in another actor meanwhile. Its start waits
   (``release``, bounded) until the live process has handed the run over;
   a hand-over from a process the run has since moved away from is ignored.
+  The other way round, a segment whose start came round only after the
+  trial had ended there and gone on elsewhere (a loaded machine: W&B's
+  first start in a process can take longer than the segment) does not take
+  the run again (``moved_on``): the later segment has filled in, from
+  Tune's ``result.json``, what the earlier one could not log.
 - **Where it is not used** (each trial process runs its own W&B service, as
   before): a wandb whose service API differs (``_compat.wandb_can_hand_over``),
   a node that joined after the experiment started, an actor that did not
@@ -56,6 +61,7 @@ __all__ = [
     "drain_all",
     "forget",
     "hand_over",
+    "moved_on",
     "on_pickled",
     "register",
     "release",
@@ -318,21 +324,11 @@ def release(run_id: str) -> None:
     """Before an attempt of ``run_id`` starts: have every node's actor end
     what an earlier attempt left open (bounded). Nothing to ask where this
     wandb cannot hand a run over: no trial uses the actors then."""
-    if not _compat.wandb_can_hand_over():
-        return
     try:
-        import ray
-
-        job = _compat.ray_job_id()
-        if job is None:
-            return
-        prefix = _name(job, "")
-        handles = [
-            ray.get_actor(name, namespace=NAMESPACE)
-            for name in _compat.named_actors(NAMESPACE)
-            if name.startswith(prefix)
-        ]
+        handles = _all_actors()
         if handles:
+            import ray
+
             ray.get(
                 [
                     h.release.remote(run_id, RELEASE_WAIT_S, os.getpid())
@@ -342,6 +338,45 @@ def release(run_id: str) -> None:
             )
     except Exception as exc:  # noqa: BLE001 - the start goes on
         logger.debug("wandbtune: earlier attempt not released: %r", exc)
+
+
+def moved_on(run_id: str, since: float) -> bool:
+    """Whether another trial process started ``run_id`` on some node after
+    ``since`` (wall-clock time; when this process's segment of the trial
+    began): the trial went on in another actor before this process's start
+    of that segment came round (``_run.RunMovedOn``)."""
+    try:
+        handles = _all_actors()
+        if not handles:
+            return False
+        import ray
+
+        held = ray.get(
+            [h.started_elsewhere.remote(run_id, os.getpid(), since) for h in handles],
+            timeout=CONNECT_TIMEOUT_S,
+        )
+        return any(held)
+    except Exception as exc:  # noqa: BLE001 - the start goes on as before
+        logger.debug("wandbtune: could not ask who holds run %s: %r", run_id, exc)
+        return False
+
+
+def _all_actors() -> list[Any]:
+    """This job's node actors (none where this wandb cannot hand a run over:
+    no trial uses the actors then)."""
+    if not _compat.wandb_can_hand_over():
+        return []
+    job = _compat.ray_job_id()
+    if job is None:
+        return []
+    import ray
+
+    prefix = _name(job, "")
+    return [
+        ray.get_actor(name, namespace=NAMESPACE)
+        for name in _compat.named_actors(NAMESPACE)
+        if name.startswith(prefix)
+    ]
 
 
 def register(node: Any, run_id: str) -> None:

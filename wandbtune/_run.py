@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -84,12 +84,19 @@ def init_kwargs(
     return kwargs
 
 
+class RunMovedOn(Exception):
+    """A trial segment's run was not started: the segment had ended before
+    its start came round, and the trial goes on in another process that
+    logs to the run now (``_node_service.moved_on``)."""
+
+
 def start_run(
     settings: Settings,
     *,
     exclusive: bool = True,
     require_project: bool = True,
     node_service: bool = False,
+    ended_since: Callable[[], float | None] | None = None,
     **trial: Any,
 ) -> Any:
     """``wandb.init`` for one trial; raises ConfigError on bad settings.
@@ -98,7 +105,10 @@ def start_run(
     left open there is finished first. The callback holds one run per running
     trial in the driver instead, side by side. ``node_service``: the run goes
     to the node's W&B service if there is one (``_node_service``), else to
-    one of this process's own.
+    one of this process's own. ``ended_since()``: if the trial's segment
+    has ended by now (the start came round after it), when it began
+    (wall-clock time), else None: if the trial went on in another process
+    since, raise RunMovedOn instead of starting the run again.
     """
     kwargs = init_kwargs(settings, require_project=require_project, **trial)
     key = None if settings.offline() else settings.read_api_key()
@@ -110,7 +120,12 @@ def start_run(
     starting = _DRIVER_STARTS.starting(disabled=settings.mode() == "disabled")
     with starting if not exclusive else contextlib.nullcontext():
         return _init(
-            settings, kwargs, key, exclusive=exclusive, node_service=node_service
+            settings,
+            kwargs,
+            key,
+            exclusive=exclusive,
+            node_service=node_service,
+            ended_since=ended_since,
         )
 
 
@@ -175,6 +190,7 @@ def _init(
     *,
     exclusive: bool,
     node_service: bool,
+    ended_since: Callable[[], float | None] | None = None,
 ) -> Any:
     import wandb
 
@@ -187,6 +203,9 @@ def _init(
         node = _node_service.connect()
         if kwargs.get("id"):
             run_id = str(kwargs["id"])
+            since = ended_since() if ended_since is not None else None
+            if since is not None and _node_service.moved_on(run_id, since):
+                raise RunMovedOn(run_id)
             _node_service.release(run_id)  # an earlier attempt's, on any node
             if node is not None:  # before the run opens: a kill during init too
                 _node_service.register(node, run_id)
@@ -289,6 +308,14 @@ def start_or_warn(
         return TrialRun.start(settings, **trial)
     except ConfigError:
         raise
+    except RunMovedOn:
+        logger.warning(
+            "wandbtune: trial %s went on in another process before W&B could "
+            "start its run here (a loaded machine); the run is left to that "
+            "process, which logs what Tune kept of this part from result.json.",
+            trial.get("trial_name") or trial.get("trial_id"),
+        )
+        return None
     except Exception as exc:  # noqa: BLE001 - a W&B outage never stops training
         if outage_teardown:
             stop_service_after_outage()
