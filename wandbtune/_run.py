@@ -312,7 +312,9 @@ def start_or_warn(
         logger.warning(
             "wandbtune: trial %s went on in another process before W&B could "
             "start its run here (a loaded machine); the run is left to that "
-            "process, which logs what Tune kept of this part from result.json.",
+            "process. Where it went on from the trial's own checkpoint, it logs "
+            "what Tune kept of this part from result.json; from another "
+            "trial's (a PBT exploit), this part is only in Tune's results.",
             trial.get("trial_name") or trial.get("trial_id"),
         )
         return None
