@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ray import tune
 
-from tests.raycompat import RunConfig
+from tests.raycompat import Checkpoint, RunConfig, get_checkpoint, report
 from wandbtune.testing import RunFile, find_run_files, read_run
 
 
@@ -121,3 +123,20 @@ def user_columns(row: dict[str, Any]) -> dict[str, Any]:
     return {
         k: v for k, v in row.items() if not k.startswith("_") and k not in bookkeeping
     }
+
+
+def restored_state(default: Any) -> Any:
+    """In a trial: the state (``state.json``) of the checkpoint Tune goes on
+    from, or ``default`` on a first start."""
+    checkpoint = get_checkpoint()
+    if not checkpoint:
+        return default
+    with checkpoint.as_directory() as path:
+        return json.loads(Path(path, "state.json").read_text())
+
+
+def report_with_state(metrics: dict[str, Any], state: Any) -> None:
+    """In a trial: report ``metrics`` with a checkpoint holding ``state``."""
+    with tempfile.TemporaryDirectory() as path:
+        Path(path, "state.json").write_text(json.dumps(state))
+        report(metrics, checkpoint=Checkpoint.from_directory(path))

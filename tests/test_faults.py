@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,8 +19,8 @@ import pytest
 from ray import tune
 
 from tests.conftest import child_process, start_ray
-from tests.helpers import read_sweep
-from tests.raycompat import Checkpoint, FailureConfig, RunConfig, get_checkpoint, report
+from tests.helpers import read_sweep, report_with_state, restored_state
+from tests.raycompat import FailureConfig, RunConfig, report
 from wandbtune import setup_wandb, wandb_trainable
 from wandbtune._compat import wandb_can_hand_over
 
@@ -37,11 +36,7 @@ def _flaky(tmp_path: Path, fail_at: int, iterations: int = 6):
     def flaky(config):
         attempt = int(attempts.read_text()) + 1 if attempts.exists() else 1
         attempts.write_text(str(attempt))
-        start = 0
-        checkpoint = get_checkpoint()
-        if checkpoint:
-            with checkpoint.as_directory() as path:
-                start = json.loads(Path(path, "state.json").read_text())["i"]
+        start = restored_state({"i": 0})["i"]
         for i in range(start + 1, iterations + 1):
             if i == fail_at and attempt == 1:
                 raise RuntimeError(f"flaky at {i}")
@@ -49,9 +44,7 @@ def _flaky(tmp_path: Path, fail_at: int, iterations: int = 6):
             if i % 2:
                 report({"score": score})
                 continue
-            with tempfile.TemporaryDirectory() as path:
-                Path(path, "state.json").write_text(json.dumps({"i": i}))
-                report({"score": score}, checkpoint=Checkpoint.from_directory(path))
+            report_with_state({"score": score}, {"i": i})
 
     return flaky
 
@@ -257,19 +250,10 @@ CRASH_ITERATIONS = 120
 @wandb_trainable(project="faults")
 def steady_checkpointed(config):
     """A checkpoint at every report; goes on from the last one."""
-    start = 0
-    checkpoint = get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as path:
-            start = json.loads(Path(path, "state.json").read_text())["i"]
+    start = restored_state({"i": 0})["i"]
     for i in range(start + 1, CRASH_ITERATIONS + 1):
         time.sleep(0.1)  # killed well before the end
-        with tempfile.TemporaryDirectory() as path:
-            Path(path, "state.json").write_text(json.dumps({"i": i}))
-            report(
-                {"score": i * 10, "pad": "x" * 2048},
-                checkpoint=Checkpoint.from_directory(path),
-            )
+        report_with_state({"score": i * 10, "pad": "x" * 2048}, {"i": i})
 
 
 CRASHING_DRIVER = """

@@ -9,11 +9,9 @@ test_online.py; a killed trial's run in test_faults.py.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -23,7 +21,8 @@ import ray
 from ray import tune
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
-from tests.raycompat import Checkpoint, RunConfig, get_checkpoint, report
+from tests.helpers import report_with_state, restored_state
+from tests.raycompat import RunConfig, report
 from wandbtune import wandb_trainable
 from wandbtune._compat import in_ray_worker, wandb_can_hand_over
 from wandbtune._node_service import NAMESPACE
@@ -317,32 +316,38 @@ def hold_back_hand_overs_until(resumed: Path) -> None:
     def hand_over(node: Any, run: Any, exit_code: int) -> bool:
         if str(run.id) in _HELD_BACK:
             _HELD_BACK.discard(str(run.id))
-            deadline = time.monotonic() + 30.0
-            while not resumed.exists() and time.monotonic() < deadline:
-                time.sleep(0.05)
+            _wait_for(resumed)
         return real(node, run, exit_code)
 
     hand_over.held_back = True  # type: ignore[attr-defined]
     _node_service.hand_over = hand_over
 
 
+def _wait_for(path: Path) -> None:
+    deadline = time.monotonic() + 30.0
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 @wandb_trainable(project="node")
 def pauses_once(config):
-    resumed = Path(config["resumed"])
+    """Six checkpointed reports; creates ``resumed`` when it goes on from a
+    checkpoint (with ``start_held``: once its run has started). Without
+    ``start_held``, the first hand-over is held back until then."""
+    resumed, start_held = Path(config["resumed"]), "start_held" in config
     hold_back_hand_overs_until(resumed)
-    if config["pause_at"]:
+    if config["pause_at"] and not start_held:
         _HELD_BACK.add(tune.get_context().get_trial_id())
-    start = 0
-    checkpoint = get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as path:
-            start = json.loads(Path(path, "state.json").read_text())["i"]
+    start = restored_state({"i": 0})["i"]
+    if start:
+        if start_held:
+            import wandb
+
+            assert wandb.run is not None  # waits until this segment's run started
         resumed.touch()
     for i in range(start + 1, 7):
         time.sleep(0.1)
-        with tempfile.TemporaryDirectory() as path:
-            Path(path, "state.json").write_text(json.dumps({"i": i}))
-            report({"score": i}, checkpoint=Checkpoint.from_directory(path))
+        report_with_state({"score": i}, {"i": i})
 
 
 def test_a_paused_trial_resumed_in_another_actor_keeps_both_its_segments(
@@ -399,10 +404,7 @@ def hold_back_first_starts() -> None:
         held = config.get("start_held")
         if config.get("pause_at") and held and not Path(held).exists():
             Path(held).touch()
-            resumed = Path(config["resumed"])
-            deadline = time.monotonic() + 30.0
-            while not resumed.exists() and time.monotonic() < deadline:
-                time.sleep(0.05)
+            _wait_for(Path(config["resumed"]))
         return real(settings, kwargs, key, **options)
 
     _init.held_back = True  # type: ignore[attr-defined]
@@ -411,25 +413,6 @@ def hold_back_first_starts() -> None:
 
 if in_ray_worker():
     hold_back_first_starts()
-
-
-@wandb_trainable(project="node")
-def starts_late_once(config):
-    resumed = Path(config["resumed"])
-    start = 0
-    checkpoint = get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as path:
-            start = json.loads(Path(path, "state.json").read_text())["i"]
-        import wandb
-
-        assert wandb.run is not None  # waits until this segment's run started
-        resumed.touch()
-    for i in range(start + 1, 7):
-        time.sleep(0.1)
-        with tempfile.TemporaryDirectory() as path:
-            Path(path, "state.json").write_text(json.dumps({"i": i}))
-            report({"score": i}, checkpoint=Checkpoint.from_directory(path))
 
 
 def test_a_segment_whose_start_comes_round_after_the_trial_moved_on_leaves_it_the_run(
@@ -443,7 +426,7 @@ def test_a_segment_whose_start_comes_round_after_the_trial_moved_on_leaves_it_th
     # second, empty run file (under load, seen in CI's examples/pbt.py test:
     # the two starts collided and a segment ended with exit code 1).
     out = sweep(
-        starts_late_once,
+        pauses_once,
         {
             "pause_at": tune.grid_search([2, 0]),
             "resumed": str(tmp_path / "resumed"),
@@ -464,3 +447,43 @@ def test_a_segment_whose_start_comes_round_after_the_trial_moved_on_leaves_it_th
         assert [s.exit_code for s in segments] == [0]
         assert segments[0].column("score") == [1, 2, 3, 4, 5, 6]
         assert segments[0].column("training_iteration") == [1, 2, 3, 4, 5, 6]
+
+
+def test_the_node_actor_ignores_a_late_hand_over_and_knows_who_started_a_run_last(
+    monkeypatch,
+):
+    # The node actor's bookkeeping alone, in this process (no Ray, and no W&B
+    # service: its start is replaced, as nothing here reaches it). A trial's
+    # first process hands its run over after the trial has gone on in a
+    # second process: that hand-over must not end the second one's stream,
+    # nor make the actor forget that the second one holds the run.
+    from wandbtune import _node_actor
+
+    monkeypatch.setattr(_node_actor, "wandb_start_service_here", lambda: "no-service")
+    node = _node_actor.NodeService()
+    finished: list[tuple[str, int]] = []
+    monkeypatch.setattr(
+        node, "_start_finishing", lambda run_id, code: finished.append((run_id, code))
+    )
+    second = subprocess.Popen(["sleep", "60"])  # a live process that is not this one
+    try:
+        first = os.getpid()
+        before = time.time() - 1.0
+        node.register("run", first)
+        node.register("run", second.pid)  # the trial went on there
+        node.finish("run", 0, pid=first)  # the first process's late hand-over
+        node.forget("run", pid=first)
+        assert finished == []
+        assert node.started_elsewhere("run", first, before)
+        assert not node.started_elsewhere("run", second.pid, before)  # its own start
+        assert not node.started_elsewhere("run", first, time.time() + 1.0)
+        assert not node.started_elsewhere("other run", first, before)
+        second.kill()  # the process logging to the run dies: the run is
+        second.wait()  # still its own, so the actor finishes it as failed
+        deadline = time.monotonic() + 30.0
+        while not finished and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert finished == [("run", 1)]
+    finally:
+        second.kill()
+        second.wait()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -23,10 +22,10 @@ import pytest
 from ray import tune
 
 from tests import test_pbt
-from tests.helpers import read_sweep, tune_iterations
+from tests.helpers import read_sweep, report_with_state, restored_state, tune_iterations
 from tests.online_fixtures import *  # noqa: F403 - the fixtures
 from tests.online_fixtures import Online, ray_worker_logs, with_key
-from tests.raycompat import Checkpoint, FailureConfig, RunConfig, get_checkpoint, report
+from tests.raycompat import FailureConfig, RunConfig, report
 from tests.wandb_server import FAKE_KEY, stored_run_files
 from wandbtune import WandbLoggerCallback, wandb_trainable
 from wandbtune._compat import wandb_can_hand_over, wandb_inits_side_by_side
@@ -297,11 +296,7 @@ def fails_once_at_four(config):
     """Checkpoints every 2 iterations; raises before reporting iteration 4,
     once. The retry goes on from iteration 2: Tune hears iteration 3 twice."""
     marker = Path(config["marker"])
-    start = 0
-    checkpoint = get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as path:
-            start = json.loads(Path(path, "state.json").read_text())["i"]
+    start = restored_state({"i": 0})["i"]
     for i in range(start + 1, 7):
         if i == 4 and not marker.exists():
             marker.touch()
@@ -309,9 +304,7 @@ def fails_once_at_four(config):
         if i % 2:
             report({"score": i * 10})
             continue
-        with tempfile.TemporaryDirectory() as path:
-            Path(path, "state.json").write_text(json.dumps({"i": i}))
-            report({"score": i * 10}, checkpoint=Checkpoint.from_directory(path))
+        report_with_state({"score": i * 10}, {"i": i})
 
 
 plain_fails_once_at_four = fails_once_at_four.__wrapped__

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,8 +19,8 @@ from ray import tune
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import PopulationBasedTraining
 
-from tests.helpers import read_sweep
-from tests.raycompat import Checkpoint, RunConfig, get_checkpoint, report
+from tests.helpers import read_sweep, report_with_state, restored_state
+from tests.raycompat import RunConfig, report
 from tests.test_experiment import experiment_run, last_table
 from wandbtune import wandb_trainable
 from wandbtune._experiment import ExperimentRun
@@ -34,23 +33,15 @@ from wandbtune.testing import find_run_files, read_run
 def _climb(config):
     """Checkpoints every 2 iterations; PBT perturbs every 3, so an exploiting
     trial goes on from its source's checkpoint at 2 (or 8) and replays."""
-    step, score = 0, 0.0
-    checkpoint = get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as path:
-            state = json.loads(Path(path, "state.json").read_text())
-            step, score = state["step"], state["score"]
+    state = restored_state({"step": 0, "score": 0.0})
+    step, score = state["step"], state["score"]
     while step < 9:
         step += 1
         score += config["lr"]
         if step % 2:
             report({"score": score})
             continue
-        with tempfile.TemporaryDirectory() as path:
-            Path(path, "state.json").write_text(
-                json.dumps({"step": step, "score": score})
-            )
-            report({"score": score}, checkpoint=Checkpoint.from_directory(path))
+        report_with_state({"score": score}, {"step": step, "score": score})
 
 
 #: Four trials, one per learning rate.
