@@ -449,7 +449,7 @@ def test_a_segment_whose_start_comes_round_after_the_trial_moved_on_leaves_it_th
         assert segments[0].column("training_iteration") == [1, 2, 3, 4, 5, 6]
 
 
-def test_the_node_actor_ignores_a_late_hand_over_and_knows_who_started_a_run_last(
+def test_the_node_actor_ignores_a_late_hand_over_and_knows_which_segment_started_last(
     monkeypatch,
 ):
     # The node actor's bookkeeping alone, in this process (no Ray, and no W&B
@@ -462,26 +462,40 @@ def test_the_node_actor_ignores_a_late_hand_over_and_knows_who_started_a_run_las
     monkeypatch.setattr(_node_actor, "wandb_start_service_here", lambda: "no-service")
     node = _node_actor.NodeService()
     finished: list[tuple[str, int]] = []
-    monkeypatch.setattr(
-        node, "_start_finishing", lambda run_id, code: finished.append((run_id, code))
-    )
+
+    def start_finishing(run_id: str, code: int) -> None:  # as the real one,
+        with node._lock:  # without W&B: the run is no longer open
+            if node._open.pop(run_id, None) is not None:
+                finished.append((run_id, code))
+
+    monkeypatch.setattr(node, "_start_finishing", start_finishing)
     second = subprocess.Popen(["sleep", "60"])  # a live process that is not this one
     try:
-        first = os.getpid()
-        before = time.time() - 1.0
-        node.register("run", first)
-        node.register("run", second.pid)  # the trial went on there
+        # Segments that began a minute ago, 5 s apart: a start's own time
+        # (now) is later than both.
+        first, began = os.getpid(), time.time() - 60.0
+        node.register("run", first, began)
+        node.register("run", second.pid, began + 5)  # the trial went on there
         node.finish("run", 0, pid=first)  # the first process's late hand-over
         node.forget("run", pid=first)
         assert finished == []
-        assert node.started_elsewhere("run", first, before)
-        assert not node.started_elsewhere("run", second.pid, before)  # its own start
-        assert not node.started_elsewhere("run", first, time.time() + 1.0)
-        assert not node.started_elsewhere("other run", first, before)
+        # A late start of the first segment sees the later segment's start...
+        assert node.started_elsewhere("run", first, began)
+        assert not node.started_elsewhere("run", second.pid, began + 5)  # its own
+        assert not node.started_elsewhere("other run", first, began)
+        # ...but a late start of the later segment does not count the earlier
+        # segment's start, even when that came round last (both late).
+        node.register("both late", second.pid, began + 5)
+        node.register("both late", first, began)
+        assert not node.started_elsewhere("both late", second.pid, began + 5)
+        # A start that could not open its run started no segment.
+        node.register("not opened", second.pid, began + 5)
+        node.forget("not opened", pid=second.pid, opened=False)
+        assert not node.started_elsewhere("not opened", first, began)
         second.kill()  # the process logging to the run dies: the run is
         second.wait()  # still its own, so the actor finishes it as failed
         deadline = time.monotonic() + 30.0
-        while not finished and time.monotonic() < deadline:
+        while ("run", 1) not in finished and time.monotonic() < deadline:
             time.sleep(0.05)
         assert finished == [("run", 1)]
     finally:

@@ -67,7 +67,7 @@ class _Trial:
         self.started = threading.Event()
         #: When the trial's segment in this actor began (wall-clock time),
         #: and whether it is over (set before its finish is submitted): a
-        #: start that comes round after that is late.
+        #: start that comes round after that is late (``_run.Segment``).
         self.began = time.time()
         self.ended = False
         self.failed = False
@@ -87,7 +87,7 @@ class _Trial:
             self.run = start_or_warn(
                 self.settings,
                 node_service=True,
-                ended_since=self._ended_since,
+                segment=self,
                 **self.trial,
             )
             if self.run is not None:
@@ -96,10 +96,6 @@ class _Trial:
             self.error = exc
         finally:
             self.started.set()
-
-    def _ended_since(self) -> Optional[float]:
-        """When this segment began, if it is over by now."""
-        return self.began if self.ended else None
 
     def log_result(self, result: Mapping[str, Any]) -> None:
         if self.run is not None:

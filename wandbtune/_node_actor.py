@@ -42,9 +42,9 @@ class NodeService:
         self._lock = threading.Lock()
         #: open runs: run id -> pid of the trial process logging to it
         self._open: dict[str, int] = {}
-        #: every run started here: run id -> (pid, wall-clock time) of its
-        #: latest start
-        self._registered: dict[str, tuple[int, float]] = {}
+        #: every run started here: run id -> (pid, wall-clock time when the
+        #: trial's segment began) of its latest start
+        self._segments: dict[str, tuple[int, float]] = {}
         #: runs being finished, set when done
         self._finishing: dict[str, threading.Event] = {}
         #: exits sent, not answered yet (cancelled at the drain's deadline)
@@ -58,24 +58,32 @@ class NodeService:
     def token(self) -> str:
         return self._token
 
-    def register(self, run_id: str, pid: int) -> None:
+    def register(self, run_id: str, pid: int, began: Optional[float] = None) -> None:
+        """Process ``pid`` starts ``run_id``, for a segment of its trial that
+        began at ``began`` (wall-clock time; now if not given)."""
         with self._lock:
             self._open[run_id] = pid
-            self._registered[run_id] = (pid, time.time())
+            self._segments[run_id] = (pid, time.time() if began is None else began)
 
     def started_elsewhere(self, run_id: str, pid: int, since: float) -> bool:
-        """Whether a process other than ``pid`` started ``run_id`` here after
-        ``since`` (wall-clock time): the trial went on in another actor
-        (``_run.RunMovedOn``)."""
+        """Whether a process other than ``pid`` started ``run_id`` here for a
+        segment of the trial that began after ``since``: the trial went on
+        in another actor (``_run.RunMovedOn``). A later start of an earlier
+        segment does not count."""
         with self._lock:
-            last = self._registered.get(run_id)
+            last = self._segments.get(run_id)
         return last is not None and last[0] != pid and last[1] > since
 
-    def forget(self, run_id: str, pid: Optional[int] = None) -> None:
-        """The trial finished ``run_id`` itself: nothing to do for it."""
+    def forget(
+        self, run_id: str, pid: Optional[int] = None, opened: bool = True
+    ) -> None:
+        """The trial finished ``run_id`` itself (``opened``), or could not
+        open it: nothing to do for it."""
         with self._lock:
             if pid is None or self._open.get(run_id) == pid:
                 self._open.pop(run_id, None)
+            if not opened and self._segments.get(run_id, (None,))[0] == pid:
+                self._segments.pop(run_id)  # no segment of it started here
 
     def finish(self, run_id: str, exit_code: int, pid: Optional[int] = None) -> None:
         """Finish a handed-over run in the background; returns at once. It

@@ -341,23 +341,23 @@ def release(run_id: str) -> None:
 
 
 def moved_on(run_id: str, since: float) -> bool:
-    """Whether another trial process started ``run_id`` on some node after
-    ``since`` (wall-clock time; when this process's segment of the trial
-    began): the trial went on in another actor before this process's start
-    of that segment came round (``_run.RunMovedOn``)."""
+    """Whether another trial process started ``run_id`` on some node for a
+    segment of the trial that began after ``since`` (wall-clock time; when
+    this process's segment began): the trial went on in another actor before
+    this process's start of its segment came round (``_run.RunMovedOn``)."""
     try:
         handles = _all_actors()
         if not handles:
             return False
         import ray
 
-        held = ray.get(
+        started = ray.get(
             [h.started_elsewhere.remote(run_id, os.getpid(), since) for h in handles],
             timeout=CONNECT_TIMEOUT_S,
         )
-        return any(held)
+        return any(started)
     except Exception as exc:  # noqa: BLE001 - the start goes on as before
-        logger.debug("wandbtune: could not ask who holds run %s: %r", run_id, exc)
+        logger.debug("wandbtune: could not ask who started run %s: %r", run_id, exc)
         return False
 
 
@@ -379,21 +379,26 @@ def _all_actors() -> list[Any]:
     ]
 
 
-def register(node: Any, run_id: str) -> None:
+def register(node: Any, run_id: str, began: Optional[float] = None) -> None:
     """Tell the node's actor this process logs to ``run_id`` (it finishes the
-    run as failed if the process dies without handing it over)."""
+    run as failed if the process dies without handing it over), for the
+    trial's segment that began at ``began`` (wall-clock time)."""
     import ray
 
     try:
-        ray.get(node.register.remote(run_id, os.getpid()), timeout=CONNECT_TIMEOUT_S)
+        ray.get(
+            node.register.remote(run_id, os.getpid(), began),
+            timeout=CONNECT_TIMEOUT_S,
+        )
     except Exception as exc:  # noqa: BLE001 - the run is handed over all the same
         logger.debug("wandbtune: run %s not registered: %r", run_id, exc)
 
 
-def forget(node: Any, run_id: str) -> None:
-    """Tell the node's actor this process finished ``run_id`` itself."""
+def forget(node: Any, run_id: str, opened: bool = True) -> None:
+    """Tell the node's actor this process finished ``run_id`` itself
+    (``opened``), or could not open it."""
     try:
-        node.forget.remote(run_id, os.getpid())
+        node.forget.remote(run_id, os.getpid(), opened)
     except Exception as exc:  # noqa: BLE001
         logger.debug("wandbtune: run %s not forgotten: %r", run_id, exc)
 

@@ -9,9 +9,9 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 from wandbtune import _compat, _node_service
 from wandbtune._artifacts import log_checkpoint
@@ -84,6 +84,17 @@ def init_kwargs(
     return kwargs
 
 
+class Segment(Protocol):
+    """The part of a trial that runs in one process (a trial actor), from its
+    start or restore until it ends there (it returns, fails, is paused or
+    stopped)."""
+
+    #: when it began in this process (wall-clock time)
+    began: float
+    #: whether it has ended
+    ended: bool
+
+
 class RunMovedOn(Exception):
     """A trial segment's run was not started: the segment had ended before
     its start came round, and the trial goes on in another process that
@@ -96,7 +107,7 @@ def start_run(
     exclusive: bool = True,
     require_project: bool = True,
     node_service: bool = False,
-    ended_since: Callable[[], float | None] | None = None,
+    segment: Segment | None = None,
     **trial: Any,
 ) -> Any:
     """``wandb.init`` for one trial; raises ConfigError on bad settings.
@@ -105,10 +116,10 @@ def start_run(
     left open there is finished first. The callback holds one run per running
     trial in the driver instead, side by side. ``node_service``: the run goes
     to the node's W&B service if there is one (``_node_service``), else to
-    one of this process's own. ``ended_since()``: if the trial's segment
-    has ended by now (the start came round after it), when it began
-    (wall-clock time), else None: if the trial went on in another process
-    since, raise RunMovedOn instead of starting the run again.
+    one of this process's own. ``segment``: the part of the trial this run
+    is started for; if it has ended by the time the start comes round, and
+    the trial went on in another process since, RunMovedOn is raised
+    instead of starting the run again.
     """
     kwargs = init_kwargs(settings, require_project=require_project, **trial)
     key = None if settings.offline() else settings.read_api_key()
@@ -125,7 +136,7 @@ def start_run(
             key,
             exclusive=exclusive,
             node_service=node_service,
-            ended_since=ended_since,
+            segment=segment,
         )
 
 
@@ -190,7 +201,7 @@ def _init(
     *,
     exclusive: bool,
     node_service: bool,
-    ended_since: Callable[[], float | None] | None = None,
+    segment: Segment | None = None,
 ) -> Any:
     import wandb
 
@@ -203,12 +214,13 @@ def _init(
         node = _node_service.connect()
         if kwargs.get("id"):
             run_id = str(kwargs["id"])
-            since = ended_since() if ended_since is not None else None
-            if since is not None and _node_service.moved_on(run_id, since):
-                raise RunMovedOn(run_id)
+            if segment is not None and segment.ended:
+                if _node_service.moved_on(run_id, segment.began):
+                    raise RunMovedOn(run_id)
             _node_service.release(run_id)  # an earlier attempt's, on any node
             if node is not None:  # before the run opens: a kill during init too
-                _node_service.register(node, run_id)
+                began = segment.began if segment is not None else None
+                _node_service.register(node, run_id, began)
     else:
         _compat.wandb_own_service()
     _compat.wandb_wait_for_a_new_run_dir(
@@ -218,7 +230,7 @@ def _init(
         return _init_exclusive(kwargs) if exclusive else wandb.init(**kwargs)
     except BaseException as exc:
         if node is not None and kwargs.get("id"):
-            _node_service.forget(node, str(kwargs["id"]))  # no run opened
+            _node_service.forget(node, str(kwargs["id"]), opened=False)
         if isinstance(exc, TypeError):
             raise ConfigError(f"wandb.init rejected the arguments: {exc}") from exc
         if node is None or not _compat.wandb_service_gone(exc):
