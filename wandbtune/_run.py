@@ -122,6 +122,7 @@ def start_run(
     instead of starting the run again.
     """
     kwargs = init_kwargs(settings, require_project=require_project, **trial)
+    _compat.wandb_list_packages_once()
     key = None if settings.offline() else settings.read_api_key()
     kwargs["settings"] = _wandb_settings(
         kwargs.get("settings"),
