@@ -123,6 +123,7 @@ def start_run(
     """
     kwargs = init_kwargs(settings, require_project=require_project, **trial)
     _compat.wandb_list_packages_once()
+    _compat.wandb_apply_launch_inputs_only_if_staged()
     key = None if settings.offline() else settings.read_api_key()
     kwargs["settings"] = _wandb_settings(
         kwargs.get("settings"),

@@ -1,8 +1,11 @@
-"""W&B's list of installed packages (each run's ``requirements.txt``) is made
-once per process, not at every run's start, and made again when a package is
-installed. Real wandb, offline, in a process of its own; runs started the way
-wandbtune starts them (``_run.start_run``, as the callback does in the driver
-and a reused trial actor does for each of its trials)."""
+"""What wandb does at every run's start that wandbtune spares a process
+starting its second run, or its first: the list of installed packages (each
+run's ``requirements.txt``) is made once per process and again when a package
+is installed; W&B Launch is not imported to apply Launch inputs nobody
+staged, and inputs that were staged are applied. Real wandb, offline, in a
+process of its own; runs started the way wandbtune starts them
+(``_run.start_run``, as the callback does in the driver and a reused trial
+actor does for each of its trials)."""
 
 from __future__ import annotations
 
@@ -45,7 +48,10 @@ def run(n):
     print("LISTINGS", n, len(listings), flush=True)
 
 
+launch = "wandb.sdk.launch.inputs.internal"
+imported_before = launch in sys.modules  # wandb 0.19.10: by `import wandb`
 run(0)
+print("LAUNCH", imported_before, launch in sys.modules, flush=True)
 run(1)
 # A package installed while the process runs: its directory's mtime changes.
 info = site / "wandbtune_fake-1.2.3.dist-info"
@@ -55,6 +61,22 @@ info.mkdir()
 )
 run(2)
 run(3)
+# Launch inputs staged before a run's start are applied to it, as by wandb.
+from wandb.sdk.launch.inputs import internal
+
+applied = []
+apply = internal.StagedLaunchInputs.apply
+
+
+def recording(self, staged_for):
+    applied.append(staged_for.id)
+    apply(self, staged_for)
+
+
+internal.StagedLaunchInputs.apply = recording
+internal.handle_run_config_input(include=["lr"])
+run(4)
+print("APPLIED", *applied, flush=True)
 """
 
 
@@ -63,9 +85,7 @@ def _requirements(root: Path, run_id: str) -> list[str]:
     return path.read_text().split()
 
 
-def test_installed_packages_are_listed_once_per_process_and_again_after_an_install(
-    tmp_path,
-):
+def test_a_later_run_lists_no_packages_and_a_run_imports_no_unused_launch(tmp_path):
     root, site = tmp_path / "runs", tmp_path / "site"
     root.mkdir()
     site.mkdir()
@@ -82,12 +102,18 @@ def test_installed_packages_are_listed_once_per_process_and_again_after_an_insta
     listings = [int(line.split()[2]) for line in out.splitlines() if "LISTINGS" in line]
     # Listed at the first run, not again at the second; again after the
     # install, not again after that. (Without the cache: 1, 2, 3, 4.)
-    assert listings == [1, 1, 2, 2], out
+    assert listings == [1, 1, 2, 2, 2], out
     wandb = f"wandb=={metadata.version('wandb')}"
     ray = f"ray=={metadata.version('ray')}"
     runs = [_requirements(root, f"run{n}") for n in range(4)]
     assert len(runs) == 4
     assert all(wandb in packages and ray in packages for packages in runs), runs
+    # A run's start did not import W&B Launch (where `import wandb` did not).
+    (launch,) = [line.split()[1:] for line in out.splitlines() if "LAUNCH" in line]
+    assert launch in (["False", "False"], ["True", "True"]), out
+    # and staged Launch inputs reached the next run.
+    (applied,) = [line.split()[1:] for line in out.splitlines() if "APPLIED" in line]
+    assert applied == ["run4"], out
     fake = "wandbtune-fake==1.2.3"
     assert [fake in packages for packages in runs] == [False, False, True, True]
     # The cached list is the one wandb makes: the same packages each time.
