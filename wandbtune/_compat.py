@@ -387,11 +387,6 @@ def wandb_wait_for_a_new_run_dir(root: Optional[str], run_id: Optional[str]) -> 
         time.sleep(1.0 - now.microsecond / 1e6 + 0.01)
 
 
-#: Installed distributions as wandb lists them, by what would change them.
-_installed_packages: dict[tuple[tuple[str, float], ...], list[Any]] = {}
-_installed_packages_lock = threading.Lock()
-
-
 def wandb_list_packages_once() -> None:
     """Make wandb list the installed packages once per process, not at every
     run's start.
@@ -402,9 +397,12 @@ def wandb_list_packages_once() -> None:
     larger environment, at each run of a reused trial actor and each run the
     callback starts in the driver. The list is kept for the process and
     listed again when ``sys.path``, or the modification time of one of its
-    directories (a package installed or removed there), changes. Both
-    0.19.10 and 0.31 import the name from ``wandb.util`` when the run
-    starts."""
+    entries (a package installed, upgraded or removed there), changes: as
+    ``importlib.metadata`` itself caches each entry's listing. Not seen, as
+    there: metadata rewritten in place in an existing ``*.egg-info``, or a
+    finder added to ``sys.meta_path``. Both 0.19.10 and 0.31 import the name
+    from ``wandb.util`` when the run starts, so replacing it is enough; the
+    user's own runs in the process get the same list."""
     try:
         from wandb import util
     except Exception:  # noqa: BLE001 - another wandb: it lists them itself
@@ -412,14 +410,21 @@ def wandb_list_packages_once() -> None:
     listed = getattr(util, "working_set", None)
     if listed is None or getattr(listed, "_wandbtune", False):
         return
+    # This wrapper's own: another wrapper put around it later (a user's
+    # mock, say) has a list of its own, and listing outside the lock never
+    # waits for itself.
+    kept: dict[tuple[tuple[str, int], ...], list[Any]] = {}
+    lock = threading.Lock()
 
     def working_set() -> Iterator[Any]:
         key = tuple((entry, _modified(entry)) for entry in sys.path)
-        with _installed_packages_lock:
-            packages = _installed_packages.get(key)
-            if packages is None:
-                _installed_packages.clear()
-                packages = _installed_packages[key] = list(listed())
+        with lock:
+            packages = kept.get(key)
+        if packages is None:
+            packages = list(listed())
+            with lock:
+                kept.clear()
+                kept[key] = packages
         return iter(packages)
 
     working_set._wandbtune = True  # type: ignore[attr-defined]
@@ -432,14 +437,17 @@ def wandb_apply_launch_inputs_only_if_staged() -> None:
     have been staged.
 
     ``Run._on_ready`` imports ``wandb.sdk.launch.inputs.internal`` at every
-    start to apply inputs staged by ``wandb.launch.manage_config_file`` /
-    ``manage_wandb_config`` before ``wandb.init``. On wandb 0.31 that import
-    pulls in W&B Launch and the public API: about 0.3 s of a fresh trial
-    process's first start (0.47–0.60 s of CPU against 0.21–0.24 s). Inputs
-    can only have been staged through that module, so while it is not
-    imported there is nothing to apply and the call is skipped; once it is,
-    wandb's own method runs as before. (wandb 0.19.10 imports it with
-    ``import wandb``: nothing changes there.)"""
+    start to apply inputs staged by ``wandb.sdk.launch.manage_config_file``
+    / ``manage_wandb_config`` before ``wandb.init``. On wandb 0.31 that
+    import pulls in W&B Launch and the public API: about 0.3 s of a fresh
+    trial process's first start (0.47–0.60 s of CPU against 0.21–0.24 s).
+    Inputs can only be staged through that module (those functions import
+    it when called), so while it is not imported there is nothing to apply
+    and the call is skipped; once it is, wandb's own method runs as before.
+    (wandb 0.19.10 imports W&B Launch with ``import wandb`` already, though
+    not that module: little is saved there.) A job run by a Launch agent
+    gets its inputs through ``WANDB_CONFIG`` and the launch config file,
+    which ``wandb.init`` reads elsewhere."""
     try:
         from wandb.sdk.wandb_run import Run
     except Exception:  # noqa: BLE001 - another wandb: as it is
@@ -457,11 +465,11 @@ def wandb_apply_launch_inputs_only_if_staged() -> None:
     Run._detect_and_apply_job_inputs = _detect_and_apply_job_inputs  # type: ignore[method-assign]
 
 
-def _modified(path: str) -> float:
+def _modified(path: str) -> int:
     try:
-        return os.stat(path or ".").st_mtime
+        return os.stat(path or ".").st_mtime_ns
     except OSError:
-        return -1.0
+        return -1
 
 
 def wandb_has_setting(name: str) -> bool:
