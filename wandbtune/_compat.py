@@ -416,6 +416,7 @@ def wandb_list_packages_once() -> None:
     kept: dict[tuple[tuple[str, int], ...], list[Any]] = {}
     lock = threading.Lock()
 
+    @functools.wraps(listed)
     def working_set() -> Iterator[Any]:
         key = tuple((entry, _modified(entry)) for entry in sys.path)
         with lock:
@@ -428,7 +429,6 @@ def wandb_list_packages_once() -> None:
         return iter(packages)
 
     working_set._wandbtune = True  # type: ignore[attr-defined]
-    working_set.__wrapped__ = listed  # type: ignore[attr-defined]
     util.working_set = working_set
 
 
@@ -456,12 +456,12 @@ def wandb_apply_launch_inputs_only_if_staged() -> None:
     if apply is None or getattr(apply, "_wandbtune", False):
         return
 
+    @functools.wraps(apply)
     def _detect_and_apply_job_inputs(self: Any) -> None:
         if "wandb.sdk.launch.inputs.internal" in sys.modules:
             apply(self)
 
     _detect_and_apply_job_inputs._wandbtune = True  # type: ignore[attr-defined]
-    _detect_and_apply_job_inputs.__wrapped__ = apply  # type: ignore[attr-defined]
     Run._detect_and_apply_job_inputs = _detect_and_apply_job_inputs  # type: ignore[method-assign]
 
 
