@@ -281,6 +281,28 @@ def storage_trial_dir(storage: Any) -> Optional[str]:
     return None
 
 
+def trial_result_files(storage: Any) -> tuple[str, ...]:
+    """Where this node can read Tune's ``result.json`` for the trial (a Tune
+    ``StorageContext``), freshest first. The driver's callback writes each
+    result, flushed, to the trial's staging directory on the driver's node
+    (``trial_driver_staging_path``, under Ray's session directory); Tune
+    copies that directory to experiment storage only every 10 s or more, at
+    the end, and at some checkpoints. So the staging copy, where it exists
+    here, is up to date; the copy in storage (if local) may lag, and is the
+    only one left after the driver died."""
+    if storage is None:
+        return ()
+    files = []
+    try:
+        files.append(os.path.join(storage.trial_driver_staging_path, "result.json"))
+    except Exception:  # noqa: BLE001 - no trial dir or Ray session (yet)
+        pass
+    stored = storage_trial_dir(storage)
+    if stored is not None:
+        files.append(os.path.join(stored, "result.json"))
+    return tuple(files)
+
+
 def trainable_storage(trainable: Any) -> Any:
     """A Tune trainable's ``StorageContext`` (None outside Tune)."""
     return getattr(trainable, "_storage", None)

@@ -370,6 +370,7 @@ class WandbTrainableMixin:
             **trial,
             "exploit": exploit_of(trial["trial_id"], restored, trial["config"]),
             "restored_iteration": (restored or {}).get("training_iteration"),
+            "result_files": _compat.trial_result_files(_compat.trainable_storage(self)),
         }
         function = _compat.is_function_trainable(self)
         # A class's setup() and step() run in this thread; the function of a

@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -449,6 +449,7 @@ class TrialRun:
         *,
         exploit: Exploit | None = None,
         restored_iteration: Any = None,
+        result_files: Sequence[str] = (),
         node_service: bool = False,
         **trial: Any,
     ) -> TrialRun:
@@ -465,35 +466,38 @@ class TrialRun:
             started, settings, exploit=exploit, node=node, config_after=config_after
         )
         if exploit is None and isinstance(restored_iteration, int):
-            run.fill_in(trial.get("dir"), restored_iteration)
+            run.fill_in(result_files, restored_iteration)
         return run
 
-    def fill_in(self, trial_dir: str | None, up_to: int) -> None:
+    def fill_in(self, result_files: Sequence[str], up_to: int) -> None:
         """Log what Tune kept of this trial up to the checkpoint it goes on
         from, where earlier attempts' W&B data lacks it (their W&B service
-        died before writing it out: a killed worker or driver). Tune's
-        ``result.json`` in the trial's directory is read, if it is local."""
+        died before writing it out, a killed worker or driver; or their run
+        never started, a late start: ``RunMovedOn``). Read from Tune's
+        ``result.json`` copies that are on this node
+        (``_compat.trial_result_files``), freshest first; a later copy adds
+        only iterations past what the ones before it held."""
         done = self._logged_up_to or 0
-        if trial_dir is None or up_to <= done:
+        if up_to <= done:
             return
-        path = os.path.join(trial_dir, "result.json")
-        try:
-            with open(path, encoding="utf-8") as fh:
-                lines = fh.readlines()
-        except OSError:
-            return  # not on this node (remote storage): nothing to fill in
         filled = 0
-        for line in lines:
+        for path in result_files:
             try:
-                result = json.loads(line)
-            except ValueError:
-                continue  # a line cut off by a kill
-            iteration = result.get(TRAINING_ITERATION)
-            if isinstance(iteration, int) and done < iteration <= up_to:
-                self.log_result(result)
-                done = max(done, iteration)
-                self._logged_up_to = done
-                filled += 1
+                with open(path, encoding="utf-8") as fh:
+                    lines = fh.readlines()
+            except OSError:
+                continue  # not on this node (remote storage, another driver)
+            for line in lines:
+                try:
+                    result = json.loads(line)
+                except ValueError:
+                    continue  # a line cut off by a kill
+                iteration = result.get(TRAINING_ITERATION)
+                if isinstance(iteration, int) and done < iteration <= up_to:
+                    self.log_result(result)
+                    done = max(done, iteration)
+                    self._logged_up_to = done
+                    filled += 1
         if filled:
             logger.info(
                 "wandbtune: %d results Tune kept for this trial were missing "
