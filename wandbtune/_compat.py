@@ -283,13 +283,15 @@ def storage_trial_dir(storage: Any) -> Optional[str]:
 
 def trial_result_files(storage: Any) -> tuple[str, ...]:
     """Where this node can read Tune's ``result.json`` for the trial (a Tune
-    ``StorageContext``), freshest first. The driver's callback writes each
-    result, flushed, to the trial's staging directory on the driver's node
-    (``trial_driver_staging_path``, under Ray's session directory); Tune
-    copies that directory to experiment storage only every 10 s or more, at
-    the end, and at some checkpoints. So the staging copy, where it exists
-    here, is up to date; the copy in storage (if local) may lag, and is the
-    only one left after the driver died."""
+    ``StorageContext``), the driver's copy first. The driver's callback
+    writes each result, flushed, to the trial's staging directory on the
+    driver's node (``trial_driver_staging_path``, under Ray's session
+    directory); Tune copies that directory to experiment storage only when it
+    saves the experiment's state (by default every 10 s or more), so the copy
+    in storage (if local) may lag. When a trial (re)starts, Tune copies
+    storage's back over the staging one if storage has one: then both are
+    the same, and the staging copy is ahead only while storage has none yet.
+    After a killed driver, storage's is the only one left."""
     if storage is None:
         return ()
     files = []

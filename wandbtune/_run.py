@@ -475,8 +475,10 @@ class TrialRun:
         died before writing it out, a killed worker or driver; or their run
         never started, a late start: ``RunMovedOn``). Read from Tune's
         ``result.json`` copies that are on this node
-        (``_compat.trial_result_files``), freshest first; a later copy adds
-        only iterations past what the ones before it held."""
+        (``_compat.trial_result_files``), the driver's first; a later copy
+        adds only iterations past what the ones before it held. Where the
+        file holds an iteration twice (after a PBT exploit), the first row
+        is logged: left as it was, untested."""
         done = self._logged_up_to or 0
         if up_to <= done:
             return
